@@ -1,0 +1,1 @@
+"""pFedHN: personalized federated learning with hypernetworks, on Flower."""

@@ -1,0 +1,234 @@
+"""The Flower client: trains the generated theta_i and returns delta_theta."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pFedHN.config import target_kwargs
+from pFedHN.dataset import ClientData, federated_data
+from pFedHN.models import CNNTarget, LocalLayer
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """The client's local optimisation, as in the paper."""
+
+    steps: int = 50
+    batch_size: int = 64
+    lr: float = 5e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    clip_norm: float = 50.0
+
+
+def round_seed(seed: int, partition_id: int, server_round: int) -> int:
+    """Seed of one client's inner loop in one round, independent of the process."""
+    return int(np.random.SeedSequence([seed, partition_id, server_round]).generate_state(1)[0])
+
+
+def train_inner_loop(
+    model: nn.Module,
+    data: ClientData,
+    loop: InnerLoop,
+    generator: torch.Generator,
+    head: LocalLayer | None = None,
+    head_optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, float]:
+    """Run ``loop.steps`` SGD steps, each on a fresh random batch; return metrics.
+
+    A fresh SGD optimizer each round (the authors'); pFedHN-PC's head keeps its
+    own optimizer, whose momentum persists across rounds.
+    """
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=loop.lr, momentum=loop.momentum,
+        weight_decay=loop.weight_decay,
+    )
+    n = len(data.train_y)
+    loss_sum = correct = seen = 0.0
+    model.train()
+    for _ in range(loop.steps):
+        idx = torch.randperm(n, generator=generator)[: loop.batch_size]
+        x, y = data.normalize(data.train_x[idx]), data.train_y[idx]
+        logits = model(x) if head is None else head(model(x))
+        loss = nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if head_optimizer is not None:
+            head_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), loop.clip_norm)
+        optimizer.step()
+        if head_optimizer is not None:
+            head_optimizer.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+
+
+@torch.inference_mode()
+def evaluate_split(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    data: ClientData,
+    head: LocalLayer | None = None,
+) -> tuple[int, float]:
+    """Number correct and summed cross-entropy over a whole split, in one batch."""
+    model.eval()
+    features = model(data.normalize(images))
+    logits = features if head is None else head(features)
+    loss_sum = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+    return int((logits.argmax(1) == labels).sum()), loss_sum
+
+
+def fingerprint(module: nn.Module) -> int:
+    """CRC32 of a module's weights: shows in metrics whether state persisted."""
+    crc = 0
+    for tensor in module.state_dict().values():
+        crc = zlib.crc32(tensor.detach().contiguous().numpy().tobytes(), crc)
+    return crc
+
+
+class PFedHNClient(NumPyClient):
+    """Loads the theta_i the server generated, trains it, returns delta_theta.
+
+    With pFedHN-PC the private head and its optimizer state live in Flower's
+    ``Context.state``, which persists on the node across rounds (a client
+    object is built anew every round, so an attribute would not).
+    """
+
+    def __init__(
+        self,
+        partition_id: int,
+        data: ClientData,
+        model: CNNTarget,
+        loop: InnerLoop,
+        seed: int,
+        state: RecordDict,
+        out_dim: int,
+    ) -> None:
+        self.partition_id = partition_id
+        self.data = data
+        self.model = model
+        self.loop = loop
+        self.seed = seed
+        self.state = state
+        self.out_dim = out_dim
+        self.local = model.fc3 is None
+
+    def get_properties(self, config: dict) -> dict[str, int]:
+        """Tell the server which partition this node holds."""
+        return {"partition-id": self.partition_id}
+
+    def _load_theta(self, parameters: list[np.ndarray]) -> OrderedDict[str, torch.Tensor]:
+        names = [name for name, _ in self.model.named_parameters()]
+        theta = OrderedDict(
+            (name, torch.from_numpy(array)) for name, array in zip(names, parameters, strict=True)
+        )
+        self.model.load_state_dict(theta)
+        return theta
+
+    def _head(self) -> tuple[LocalLayer, torch.optim.SGD]:
+        """The private head and its optimizer, as last left in Context.state."""
+        with torch.random.fork_rng():
+            torch.manual_seed(round_seed(self.seed, self.partition_id, -1))
+            head = LocalLayer(84, self.out_dim)
+        optimizer = torch.optim.SGD(
+            head.parameters(), lr=self.loop.lr, momentum=self.loop.momentum,
+            weight_decay=self.loop.weight_decay,
+        )
+        if "head" in self.state:
+            head.load_state_dict(self.state["head"].to_torch_state_dict())
+            momentum = self.state["head_momentum"].to_torch_state_dict()
+            for name, param in head.named_parameters():
+                if name in momentum:
+                    optimizer.state[param]["momentum_buffer"] = momentum[name]
+        return head, optimizer
+
+    def _store_head(self, head: LocalLayer, optimizer: torch.optim.SGD) -> None:
+        self.state["head"] = ArrayRecord(torch_state_dict=head.state_dict())
+        self.state["head_momentum"] = ArrayRecord(torch_state_dict={
+            name: optimizer.state[param]["momentum_buffer"]
+            for name, param in head.named_parameters()
+            if optimizer.state[param].get("momentum_buffer") is not None
+        })
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict
+    ) -> tuple[list[np.ndarray], int, dict]:
+        """Train theta_i locally and return delta_theta = theta_i - theta_tilde_i."""
+        start = time.perf_counter()
+        theta = self._load_theta(parameters)
+        generator = torch.Generator().manual_seed(
+            round_seed(self.seed, self.partition_id, int(config["server-round"]))
+        )
+        metrics: dict = {"partition-id": self.partition_id}
+        head = optimizer = None
+        if self.local:
+            head, optimizer = self._head()
+            metrics["head-fingerprint-in"] = fingerprint(head)
+        metrics.update(train_inner_loop(self.model, self.data, self.loop, generator, head, optimizer))
+        if self.local:
+            self._store_head(head, optimizer)
+            metrics["head-fingerprint-out"] = fingerprint(head)
+        delta_theta = [
+            (theta[name] - param.detach()).numpy()
+            for name, param in self.model.named_parameters()
+        ]
+        metrics["client-time-s"] = time.perf_counter() - start
+        return delta_theta, len(self.data.train_y), metrics
+
+    def evaluate(
+        self, parameters: list[np.ndarray], config: dict
+    ) -> tuple[float, int, dict]:
+        """Evaluate the generated model on this client's val and test sets."""
+        self._load_theta(parameters)
+        head = self._head()[0] if self.local else None
+        metrics: dict = {"partition-id": self.partition_id}
+        for split in ("val", "test"):
+            images, labels = getattr(self.data, f"{split}_x"), getattr(self.data, f"{split}_y")
+            correct, loss_sum = evaluate_split(self.model, images, labels, self.data, head)
+            metrics |= {f"{split}-correct": correct, f"{split}-loss-sum": loss_sum,
+                        f"{split}-n": len(labels)}
+        return metrics["val-loss-sum"] / max(metrics["val-n"], 1), metrics["val-n"], metrics
+
+
+def make_client_app(cfg: DictConfig) -> ClientApp:
+    """A ClientApp whose clients read their partition from the node config.
+
+    Only the (small) config travels in the closure: each worker process loads
+    and splits the data once and keeps it (``federated_data`` is cached).
+    """
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    loop = InnerLoop(
+        steps=cfg.client.inner_steps, batch_size=cfg.client.batch_size,
+        lr=cfg.client.inner_lr, momentum=cfg.client.inner_momentum,
+        weight_decay=cfg.client.inner_wd, clip_norm=cfg.client.clip_norm,
+    )
+    threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
+
+    def client_fn(context: Context) -> PFedHNClient:
+        if threads:
+            torch.set_num_threads(int(threads))
+        partition_id = int(context.node_config["partition-id"])
+        clients = federated_data(
+            cfg.dataset.data, cfg.dataset.root, cfg.num_clients,
+            cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed,
+        )
+        return PFedHNClient(
+            partition_id, clients[partition_id], CNNTarget(**target_kwargs(cfg)),
+            loop, cfg.seed, context.state, cfg.model.out_dim,
+        ).to_client()
+
+    return ClientApp(client_fn=client_fn)

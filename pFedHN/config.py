@@ -1,0 +1,91 @@
+"""Checks on the Hydra config, run before any data is read or model built."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pFedHN.dataset import DATASETS
+
+VARIANTS = {0: "pFedHN", 1: "pFedHN-PC"}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names key, value and what is allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not valid: {allowed}")
+
+
+def _positive(cfg: DictConfig, key: str, kind: type = float) -> None:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, f"expected a positive {kind.__name__}")
+    if kind is int and not isinstance(value, int):
+        _fail(key, value, "expected a positive integer")
+    if value <= 0:
+        _fail(key, value, f"expected a positive {kind.__name__}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value that cannot give a correct run."""
+    if cfg.dataset.data not in DATASETS:
+        _fail("dataset.data", cfg.dataset.data, f"choose one of {sorted(DATASETS)}")
+    spec = DATASETS[cfg.dataset.data]
+
+    if cfg.model.variant not in VARIANTS:
+        _fail("model.variant", cfg.model.variant,
+              "0 (pFedHN) or 1 (pFedHN-PC, with model.local=True)")
+    if bool(cfg.model.local) != (cfg.model.variant == 1):
+        raise ConfigError(
+            f"model.local={cfg.model.local} disagrees with "
+            f"model.variant={cfg.model.variant}: pFedHN-PC is "
+            "model.variant=1 model.local=True; pFedHN is model.variant=0 model.local=False"
+        )
+    if cfg.model.in_channels != spec.in_channels:
+        _fail("model.in_channels", cfg.model.in_channels,
+              f"dataset.data={cfg.dataset.data} has {spec.in_channels} channel(s)")
+    if cfg.model.out_dim != spec.num_classes:
+        _fail("model.out_dim", cfg.model.out_dim,
+              f"dataset.data={cfg.dataset.data} has {spec.num_classes} classes")
+    for key in ("num_rounds", "num_clients", "eval_every", "model.n_kernels",
+                "model.hidden_dim", "client.inner_steps", "client.batch_size",
+                "client.num_classes_per_node", "server.clients_per_round",
+                "dataset.val_size"):
+        _positive(cfg, key, int)
+    if cfg.model.n_hidden < 0:
+        _fail("model.n_hidden", cfg.model.n_hidden, "expected an integer >= 0")
+    if cfg.model.embed_dim is not None:
+        _positive(cfg, "model.embed_dim", int)
+    for key in ("client.inner_lr", "client.clip_norm", "server.lr", "server.clip_norm"):
+        _positive(cfg, key)
+    for key in ("client.inner_momentum", "client.inner_wd", "server.momentum", "server.wd"):
+        if OmegaConf.select(cfg, key) < 0:
+            _fail(key, OmegaConf.select(cfg, key), "expected a value >= 0")
+
+    if cfg.client.num_classes_per_node > spec.num_classes:
+        _fail("client.num_classes_per_node", cfg.client.num_classes_per_node,
+              f"dataset.data={cfg.dataset.data} has only {spec.num_classes} classes")
+    if cfg.server.clients_per_round > cfg.num_clients:
+        _fail("server.clients_per_round", cfg.server.clients_per_round,
+              f"at most num_clients={cfg.num_clients}")
+    if cfg.eval_every > cfg.num_rounds:
+        _fail("eval_every", cfg.eval_every, f"at most num_rounds={cfg.num_rounds}")
+    cpus = cfg.simulation.num_cpus_per_client
+    if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1)):
+        _fail("simulation.num_cpus_per_client", cpus,
+              f"null or a number in (0, {os.cpu_count()}] (cores on this machine)")
+
+
+def target_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Arguments of CNNTarget for this config."""
+    return {
+        "in_channels": cfg.model.in_channels,
+        "n_kernels": cfg.model.n_kernels,
+        "out_dim": cfg.model.out_dim,
+        "input_size": DATASETS[cfg.dataset.data].image_size,
+        "local": bool(cfg.model.local),
+    }

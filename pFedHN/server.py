@@ -1,0 +1,59 @@
+"""The ServerApp: Flower's legacy Server driving the pFedHN strategy."""
+
+from __future__ import annotations
+
+from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.history import History
+from omegaconf import DictConfig
+import torch
+
+from pFedHN.config import target_kwargs
+from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
+from pFedHN.strategy import PFedHNStrategy
+
+
+class PFedHNServer(Server):
+    """Flower's Server, plus an evaluation of the untrained model (round 0).
+
+    Flower evaluates only after each training round; the paper's curves start
+    from the hypernetwork's initial weights.
+    """
+
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        """Evaluate round 0, then run Flower's usual training loop."""
+        self.evaluate_round(server_round=0, timeout=timeout)
+        return super().fit(num_rounds, timeout)
+
+
+def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
+    """CNNHyper for this config, initialised from ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    target_shapes = parameter_shapes(CNNTarget(**target_kwargs(cfg)))
+    return CNNHyper(
+        cfg.num_clients, target_shapes, embedding_dim=cfg.model.embed_dim,
+        hidden_dim=cfg.model.hidden_dim, n_hidden=cfg.model.n_hidden,
+    )
+
+
+def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
+    """The strategy with the config's server settings."""
+    return PFedHNStrategy(
+        build_hypernetwork(cfg), num_clients=cfg.num_clients, num_rounds=cfg.num_rounds,
+        eval_every=cfg.eval_every, clients_per_round=cfg.server.clients_per_round,
+        lr=cfg.server.lr, momentum=cfg.server.momentum, weight_decay=cfg.server.wd,
+        clip_norm=cfg.server.clip_norm, seed=cfg.seed, **callbacks,
+    )
+
+
+def make_server_app(cfg: DictConfig, **callbacks) -> ServerApp:
+    """A ServerApp running ``cfg.num_rounds`` rounds of pFedHN."""
+
+    def server_fn(context) -> ServerAppComponents:
+        strategy = build_strategy(cfg, **callbacks)
+        return ServerAppComponents(
+            server=PFedHNServer(client_manager=SimpleClientManager(), strategy=strategy),
+            config=ServerConfig(num_rounds=cfg.num_rounds),
+        )
+
+    return ServerApp(server_fn=server_fn)

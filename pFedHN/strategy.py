@@ -1,0 +1,216 @@
+"""The pFedHN strategy: the hypernetwork lives here and never leaves the server."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetPropertiesIns,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from pFedHN.models import CNNHyper
+
+log = logging.getLogger(__name__)
+
+NO_PARAMETERS = Parameters(tensors=[], tensor_type="numpy.ndarray")
+
+
+def evaluation_rounds(num_rounds: int, eval_every: int) -> set[int]:
+    """Round 0 (untrained), every ``eval_every`` rounds, and the last round."""
+    return {0, num_rounds, *range(eval_every, num_rounds + 1, eval_every)}
+
+
+def pooled_metrics(results: Sequence[dict[str, Scalar]]) -> dict[str, float]:
+    """Accuracy and loss pooled over clients (sum correct / sum samples) + spread."""
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        n = np.array([r[f"{split}-n"] for r in results], dtype=float)
+        correct = np.array([r[f"{split}-correct"] for r in results], dtype=float)
+        loss = np.array([r[f"{split}-loss-sum"] for r in results], dtype=float)
+        per_client = correct / np.maximum(n, 1)
+        out |= {
+            f"{split}_acc": correct.sum() / n.sum(),
+            f"{split}_loss": loss.sum() / n.sum(),
+            f"{split}_acc_min": per_client.min(),
+            f"{split}_acc_max": per_client.max(),
+            f"{split}_acc_std": per_client.std(),
+        }
+    return {k: float(v) for k, v in out.items()}
+
+
+class PFedHNStrategy(Strategy):
+    """Each round: theta_i = h(v_i; phi) for a sampled client i, then a VJP step.
+
+    The outer optimizer is built once, so its momentum persists across rounds.
+    Flower's node ids are not partition ids; the strategy asks every node for
+    its partition id once, through Flower's ``get_properties``.
+    """
+
+    def __init__(
+        self,
+        hnet: CNNHyper,
+        num_clients: int,
+        num_rounds: int,
+        eval_every: int = 30,
+        clients_per_round: int = 1,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-3,
+        clip_norm: float = 50.0,
+        seed: int = 0,
+        on_fit: Callable[[int, list[dict[str, Scalar]], dict[str, float]], None] | None = None,
+        on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.hnet = hnet
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.eval_rounds = evaluation_rounds(num_rounds, eval_every)
+        self.clip_norm = clip_norm
+        self.optimizer = torch.optim.SGD(
+            hnet.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        self.rng = np.random.default_rng(seed)
+        self.on_fit = on_fit
+        self.on_evaluate = on_evaluate
+        self.node_of: dict[int, ClientProxy] = {}  # partition id -> node
+        self.partition_of: dict[str, int] = {}  # node id (cid) -> partition id
+        self._server_time = 0.0  # hypernetwork time spent in configure_fit
+
+    # --- the algorithm -------------------------------------------------------
+    def generate(self, partition_id: int) -> list[np.ndarray]:
+        """theta_i as the list of arrays a client loads, in the target's order."""
+        with torch.no_grad():
+            return [t.numpy() for t in self.hnet(partition_id).values()]
+
+    def update(self, partition_ids: Sequence[int], delta_thetas: Sequence[list[np.ndarray]]) -> None:
+        """phi <- phi - lr * clip(mean_i (d theta_i / d phi)^T delta_theta_i).
+
+        One vector-Jacobian product over all clients of the round; with the
+        authors' one client per round it is exactly their update.
+        """
+        thetas, deltas = [], []
+        for partition_id, delta_theta in zip(partition_ids, delta_thetas, strict=True):
+            theta = self.hnet(partition_id)
+            thetas += theta.values()
+            deltas += [torch.from_numpy(d).reshape(t.shape) for d, t in
+                       zip(delta_theta, theta.values(), strict=True)]
+        params = list(self.hnet.parameters())
+        grads = torch.autograd.grad(thetas, params, grad_outputs=deltas)
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad / len(partition_ids)
+        torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- Flower plumbing -----------------------------------------------------
+    def _discover_partitions(self, client_manager: ClientManager, server_round: int) -> None:
+        """Learn which partition each node holds (once; Flower's own protocol)."""
+        if len(self.node_of) == self.num_clients:
+            return
+        client_manager.wait_for(self.num_clients)
+        unknown = [p for cid, p in client_manager.all().items() if cid not in self.partition_of]
+        ins = GetPropertiesIns(config={})
+        with ThreadPoolExecutor() as pool:
+            answers = list(pool.map(
+                lambda proxy: proxy.get_properties(ins, timeout=None, group_id=server_round),
+                unknown,
+            ))
+        for proxy, answer in zip(unknown, answers, strict=True):
+            partition_id = int(answer.properties["partition-id"])
+            if partition_id in self.node_of:
+                raise RuntimeError(f"two nodes claim partition {partition_id}")
+            self.node_of[partition_id] = proxy
+            self.partition_of[proxy.cid] = partition_id
+        missing = set(range(self.num_clients)) - set(self.node_of)
+        if missing:
+            raise RuntimeError(f"no node holds partitions {sorted(missing)}")
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Nothing global to send: every client gets its own generated weights."""
+        return NO_PARAMETERS
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Sample clients uniformly and send each its generated theta_i."""
+        self._discover_partitions(client_manager, server_round)
+        start = time.perf_counter()
+        chosen = self.rng.choice(self.num_clients, self.clients_per_round, replace=False)
+        instructions = [
+            (self.node_of[int(i)],
+             FitIns(ndarrays_to_parameters(self.generate(int(i))), {"server-round": server_round}))
+            for i in chosen
+        ]
+        self._server_time = time.perf_counter() - start
+        return instructions
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Turn the clients' delta_theta into one hypernetwork step."""
+        for failure in failures:
+            log.warning("round %d: a client failed: %r", server_round, failure)
+        start = time.perf_counter()
+        if results:
+            partition_ids = [self.partition_of[proxy.cid] for proxy, _ in results]
+            self.update(partition_ids, [parameters_to_ndarrays(r.parameters) for _, r in results])
+        server_time = self._server_time + time.perf_counter() - start
+        if self.on_fit is not None:
+            self.on_fit(server_round, [r.metrics for _, r in results],
+                        {"server-time-s": server_time, "failures": len(failures)})
+        return NO_PARAMETERS, {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """On evaluation rounds, every client evaluates its own generated model."""
+        if server_round not in self.eval_rounds:
+            return []
+        self._discover_partitions(client_manager, server_round)
+        return [
+            (self.node_of[i], EvaluateIns(ndarrays_to_parameters(self.generate(i)), {}))
+            for i in range(self.num_clients)
+        ]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Pool accuracy and loss over clients; report the per-client spread."""
+        for failure in failures:
+            log.warning("round %d: a client failed evaluation: %r", server_round, failure)
+        if not results:
+            return None, {}
+        metrics = pooled_metrics([r.metrics for _, r in results])
+        metrics["clients_evaluated"] = len(results)
+        if self.on_evaluate is not None:
+            self.on_evaluate(server_round, metrics)
+        return metrics["val_loss"], metrics
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """No centralised evaluation: the data lives on the clients."""
+        return None
