@@ -32,9 +32,13 @@ class InnerLoop:
     clip_norm: float = 50.0
 
 
-def round_seed(seed: int, partition_id: int, server_round: int) -> int:
-    """Seed of one client's inner loop in one round, independent of the process."""
-    return int(np.random.SeedSequence([seed, partition_id, server_round]).generate_state(1)[0])
+def derive_seed(*keys: int) -> int:
+    """A seed from non-negative keys, the same in every process.
+
+    (seed, partition, round) seeds a client's inner loop in a round;
+    (seed, partition, 0, 1) seeds its pFedHN-PC head.
+    """
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def train_inner_loop(
@@ -142,7 +146,7 @@ class PFedHNClient(NumPyClient):
     def _head(self) -> tuple[LocalLayer, torch.optim.SGD]:
         """The private head and its optimizer, as last left in Context.state."""
         with torch.random.fork_rng():
-            torch.manual_seed(round_seed(self.seed, self.partition_id, -1))
+            torch.manual_seed(derive_seed(self.seed, self.partition_id, 0, 1))
             head = LocalLayer(84, self.out_dim)
         optimizer = torch.optim.SGD(
             head.parameters(), lr=self.loop.lr, momentum=self.loop.momentum,
@@ -171,7 +175,7 @@ class PFedHNClient(NumPyClient):
         start = time.perf_counter()
         theta = self._load_theta(parameters)
         generator = torch.Generator().manual_seed(
-            round_seed(self.seed, self.partition_id, int(config["server-round"]))
+            derive_seed(self.seed, self.partition_id, int(config["server-round"]))
         )
         metrics: dict = {"partition-id": self.partition_id}
         head = optimizer = None
@@ -183,7 +187,7 @@ class PFedHNClient(NumPyClient):
             self._store_head(head, optimizer)
             metrics["head-fingerprint-out"] = fingerprint(head)
         delta_theta = [
-            (theta[name] - param.detach()).numpy()
+            (theta[name] - param.detach()).contiguous().numpy()
             for name, param in self.model.named_parameters()
         ]
         metrics["client-time-s"] = time.perf_counter() - start

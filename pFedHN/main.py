@@ -12,8 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pFedHN.client import make_client_app
-from pFedHN.config import VARIANTS, validate
-from pFedHN.dataset import ensure_available
+from pFedHN.config import VARIANTS, ConfigError, validate
+from pFedHN.dataset import DataNotFoundError, ensure_available
 from pFedHN.results import RunRecorder
 from pFedHN.server import make_server_app
 
@@ -63,7 +63,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Run the config Hydra composed, in Hydra's run directory."""
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, DataNotFoundError) as error:
+        # A one-line message, not a traceback: the user's input is at fault.
+        log.error("%s", error)
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

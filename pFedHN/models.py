@@ -35,11 +35,18 @@ class CNNTarget(nn.Module):
         self.fc1 = nn.Linear(2 * n_kernels * side * side, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = None if local else nn.Linear(84, out_dim)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return class logits, or the 84-d features when the head is local."""
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
+        """Return class logits, or the 84-d features when the head is local.
+
+        Pooling before the ReLU gives exactly the same values and gradients as
+        the paper's ReLU-then-pool (ReLU is monotone) on a quarter of the
+        elements; channels-last makes the CPU convolutions and pooling faster.
+        """
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.relu(self.pool(self.conv1(x)))
+        x = torch.relu(self.pool(self.conv2(x)))
         x = torch.relu(self.fc1(x.flatten(1)))
         x = torch.relu(self.fc2(x))
         return x if self.fc3 is None else self.fc3(x)

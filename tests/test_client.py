@@ -1,0 +1,90 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import RecordDict
+
+from pFedHN.client import InnerLoop, PFedHNClient, derive_seed
+from pFedHN.dataset import federated_data
+from pFedHN.models import CNNTarget
+from tests.conftest import TINY_MNIST
+
+KW = {"in_channels": 1, "n_kernels": 7, "out_dim": 10, "input_size": 28}
+LOOP = InnerLoop(steps=20, batch_size=16)
+
+
+def manual_inner_loop(theta, data, seed):
+    """The paper's inner loop written out by hand: fresh SGD, random batches, clip 50."""
+    model = CNNTarget(**KW)
+    model.load_state_dict(theta)
+    opt = torch.optim.SGD(model.parameters(), lr=5e-3, momentum=0.9, weight_decay=5e-5)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(LOOP.steps):
+        idx = torch.randperm(len(data.train_y), generator=gen)[: LOOP.batch_size]
+        x = (data.train_x[idx].float() / 255 - 0.1307) / 0.3081
+        loss = F.cross_entropy(model(x), data.train_y[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 50)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_client(partition_id=3, state=None, local=False):
+    data = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
+    model = CNNTarget(**KW, local=local)
+    return PFedHNClient(partition_id, data, model, LOOP, seed=7,
+                        state=state if state is not None else RecordDict(), out_dim=10), data
+
+
+def test_delta_theta_is_theta_minus_trained_and_matches_manual_loop():
+    torch.manual_seed(0)
+    theta = {k: v.detach().clone() for k, v in CNNTarget(**KW).state_dict().items()}
+    client, data = make_client()
+    arrays = [v.numpy().copy() for v in theta.values()]
+    delta, n, metrics = client.fit(arrays, {"server-round": 5})
+    assert n == len(data.train_y) and metrics["partition-id"] == 3
+    trained = manual_inner_loop(theta, data, derive_seed(7, 3, 5))
+    for (name, before), d in zip(theta.items(), delta, strict=True):
+        # sign: theta - delta_theta is the trained model
+        torch.testing.assert_close(before - torch.from_numpy(d), trained[name],
+                                   rtol=1e-5, atol=1e-6)
+    assert max(np.abs(d).max() for d in delta) > 1e-4  # it did train
+
+
+def test_inner_loop_seed_depends_on_round_and_partition():
+    seeds = {derive_seed(7, p, r) for p in range(3) for r in range(3)}
+    assert len(seeds) == 9
+    assert derive_seed(7, 1, 2) == derive_seed(7, 1, 2)
+
+
+def test_evaluate_reports_counts_for_val_and_test():
+    client, data = make_client()
+    arrays = [v.detach().numpy() for v in CNNTarget(**KW).state_dict().values()]
+    loss, n, metrics = client.evaluate(arrays, {})
+    assert n == len(data.val_y) == metrics["val-n"]
+    assert metrics["test-n"] == len(data.test_y)
+    assert 0 <= metrics["test-correct"] <= metrics["test-n"]
+    assert loss == metrics["val-loss-sum"] / metrics["val-n"] > 0
+
+
+def test_properties_tell_the_partition_id():
+    client, _ = make_client(partition_id=6)
+    assert client.get_properties({}) == {"partition-id": 6}
+
+
+def test_pc_head_and_momentum_persist_in_the_state_record():
+    state = RecordDict()
+    arrays = [v.detach().numpy() for v in CNNTarget(**KW, local=True).state_dict().values()]
+    client, _ = make_client(state=state, local=True)
+    _, _, first = client.fit(arrays, {"server-round": 1})
+    assert "head" in state and "head_momentum" in state
+    assert first["head-fingerprint-in"] != first["head-fingerprint-out"]
+    # a new client object (as Flower builds every round) on the same state
+    client, _ = make_client(state=state, local=True)
+    head, optimizer = client._head()
+    momentum = state["head_momentum"].to_torch_state_dict()
+    assert set(momentum) == {"fc.weight", "fc.bias"}
+    for name, param in head.named_parameters():
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], momentum[name])
+    _, _, second = client.fit(arrays, {"server-round": 2})
+    assert second["head-fingerprint-in"] == first["head-fingerprint-out"]

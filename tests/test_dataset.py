@@ -1,0 +1,96 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from pFedHN.dataset import (
+    DataNotFoundError,
+    assign_classes,
+    ensure_available,
+    federated_data,
+    split_by_assignment,
+)
+from tests.conftest import TINY_MNIST
+
+
+@pytest.mark.parametrize("clients,classes,per_client", [(50, 10, 2), (50, 100, 10), (7, 10, 3)])
+def test_assignment_gives_distinct_classes_and_paper_proportions(clients, classes, per_client):
+    assignment = assign_classes(clients, classes, per_client, np.random.default_rng(0))
+    count = per_client * clients // classes + 1
+    uses = Counter()
+    share = Counter()
+    for client in assignment:
+        assert len(set(client.classes)) == per_client
+        for c, p in zip(client.classes, client.proportions, strict=True):
+            uses[c] += 1
+            share[c] += p
+            # U(0.4, 0.6) draws normalised over `count` draws.
+            assert 0.4 / (0.4 + 0.6 * (count - 1)) <= p <= 0.6 / (0.6 + 0.4 * (count - 1))
+    assert max(uses.values()) <= count
+    assert all(s <= 1.0 + 1e-9 for s in share.values())
+    if (per_client * clients) % classes == 0:  # every class used equally often ...
+        assert set(uses.values()) == {count - 1}
+        assert all(s < 1.0 for s in share.values())  # ... and the +1 leaves some unused
+
+
+def test_split_takes_int_n_times_p_disjoint_samples_per_class():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, size=5000)
+    assignment = assign_classes(20, 10, 2, rng)
+    indices = split_by_assignment(labels, assignment, rng)
+    flat = np.concatenate(indices)
+    assert len(flat) == len(set(flat.tolist()))  # disjoint
+    sizes = np.bincount(labels, minlength=10)
+    for client, idx in zip(assignment, indices, strict=True):
+        got = Counter(labels[idx].tolist())
+        want = {c: int(sizes[c] * p) for c, p in zip(client.classes, client.proportions,
+                                                       strict=True)}
+        assert dict(got) == want
+
+
+def test_clients_have_the_same_class_mix_in_train_val_and_test():
+    clients = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 0)
+    assert len(clients) == 10
+    for data in clients:
+        mixes = []
+        for split in ("train", "val", "test"):
+            y = getattr(data, f"{split}_y")
+            assert len(y) > 0
+            counts = torch.bincount(y, minlength=10).double()
+            mixes.append(counts / counts.sum())
+            assert int((counts > 0).sum()) == 2
+        assert torch.equal(mixes[0] > 0, mixes[2] > 0)
+        assert torch.allclose(mixes[0], mixes[2], atol=0.1)  # same proportions, up to rounding
+        assert data.train_x.dtype == torch.uint8 and data.train_x.shape[1:] == (1, 28, 28)
+    total_train = sum(len(c.train_y) for c in clients)
+    assert total_train < 2000  # 2500 - 500 val, and the +1 leaves some unused
+
+
+def test_split_is_seeded():
+    federated_data.cache_clear()
+    a = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 1)
+    federated_data.cache_clear()
+    b = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 1)
+    c = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 2)
+    assert all(torch.equal(x.train_x, y.train_x) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x.train_y, y.train_y) for x, y in zip(a, c, strict=True))
+
+
+def test_normalisation_matches_totensor_then_normalize():
+    data = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 0)[0]
+    x = data.train_x[:4]
+    expected = (x.float() / 255.0 - 0.1307) / 0.3081
+    torch.testing.assert_close(data.normalize(x), expected)
+
+
+def test_missing_data_offline_names_root_and_layout(tmp_path):
+    with pytest.raises(DataNotFoundError) as err:
+        ensure_available("cifar10", tmp_path / "nowhere", download=False)
+    message = str(err.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "cifar-10-batches-py" in message and "dataset.root" in message
+
+
+def test_present_data_passes_the_check():
+    ensure_available("mnist", TINY_MNIST, download=False)

@@ -1,0 +1,84 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
+from pFedHN.strategy import PFedHNStrategy, evaluation_rounds, pooled_metrics
+
+LR, MOMENTUM, WD, CLIP = 1e-2, 0.9, 1e-3, 50.0
+
+
+def make_strategy(seed=0):
+    torch.manual_seed(seed)
+    hnet = CNNHyper(4, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
+    return PFedHNStrategy(hnet, num_clients=4, num_rounds=10, lr=LR, momentum=MOMENTUM,
+                          weight_decay=WD, clip_norm=CLIP)
+
+
+def reference_step(hnet, partition_ids, deltas, buffers):
+    """One outer step by plain autograd: grad of mean_i <theta_i(phi), delta_i>,
+    clipped by hand, then SGD with momentum and weight decay written out."""
+    objective = sum(
+        sum((t * d).sum() for t, d in zip(hnet(i).values(), delta, strict=True))
+        for i, delta in zip(partition_ids, deltas, strict=True)
+    ) / len(partition_ids)
+    params = list(hnet.parameters())
+    grads = torch.autograd.grad(objective, params)
+    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    scale = min(1.0, CLIP / (float(norm) + 1e-6))
+    with torch.no_grad():
+        for k, (p, g) in enumerate(zip(params, grads, strict=True)):
+            d_p = g * scale + WD * p
+            buffers[k] = d_p.clone() if buffers[k] is None else MOMENTUM * buffers[k] + d_p
+            p -= LR * buffers[k]
+    return float(norm)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # clipping inactive / active
+def test_update_equals_autograd_of_inner_product(scale):
+    strategy = make_strategy()
+    reference = copy.deepcopy(strategy.hnet)
+    buffers = [None] * len(list(reference.parameters()))
+    rng = np.random.default_rng(1)
+    norms = []
+    for step, ids in enumerate([[2], [0], [3, 1]]):  # momentum carries over; 2 clients
+        deltas = [[scale * rng.standard_normal(t.shape).astype(np.float32)
+                   for t in strategy.hnet(i).values()] for i in ids]
+        strategy.update(ids, deltas)
+        norms.append(reference_step(
+            reference, ids, [[torch.from_numpy(d) for d in delta] for delta in deltas], buffers))
+        for ours, ref in zip(strategy.hnet.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)  # float32 sums
+    assert (max(norms) > CLIP) == (scale > 1)
+
+
+def test_only_the_sampled_clients_embedding_gets_a_gradient_signal():
+    strategy = make_strategy()
+    strategy.optimizer.param_groups[0]["weight_decay"] = 0.0
+    before = strategy.hnet.embeddings.weight.detach().clone()
+    deltas = [[np.ones(t.shape, np.float32) for t in strategy.hnet(1).values()]]
+    strategy.update([1], deltas)
+    moved = (strategy.hnet.embeddings.weight.detach() != before).any(dim=1)
+    assert moved.tolist() == [False, True, False, False]
+
+
+def test_evaluation_rounds_include_start_every_k_and_last():
+    assert evaluation_rounds(100, 30) == {0, 30, 60, 90, 100}
+    assert evaluation_rounds(90, 30) == {0, 30, 60, 90}
+
+
+def test_pooled_accuracy_weights_clients_by_samples():
+    results = [
+        {"val-n": 10, "val-correct": 10, "val-loss-sum": 1.0,
+         "test-n": 10, "test-correct": 9, "test-loss-sum": 2.0},
+        {"val-n": 90, "val-correct": 0, "val-loss-sum": 9.0,
+         "test-n": 30, "test-correct": 15, "test-loss-sum": 6.0},
+    ]
+    m = pooled_metrics(results)
+    assert m["val_acc"] == pytest.approx(0.1)  # not the mean of 1.0 and 0.0
+    assert m["test_acc"] == pytest.approx(24 / 40)
+    assert m["val_loss"] == pytest.approx(0.1)
+    assert (m["test_acc_min"], m["test_acc_max"]) == pytest.approx((0.5, 0.9))
+    assert m["test_acc_std"] == pytest.approx(0.2)
