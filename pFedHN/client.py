@@ -182,7 +182,7 @@ class PFedHNClient(NumPyClient):
         if self.local:
             head, optimizer = self._head()
             metrics["head-fingerprint-in"] = fingerprint(head)
-        metrics.update(train_inner_loop(self.model, self.data, self.loop, generator, head, optimizer))
+        metrics |= train_inner_loop(self.model, self.data, self.loop, generator, head, optimizer)
         if self.local:
             self._store_head(head, optimizer)
             metrics["head-fingerprint-out"] = fingerprint(head)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.history import History
 from omegaconf import DictConfig
-import torch
 
 from pFedHN.config import target_kwargs
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes

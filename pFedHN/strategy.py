@@ -99,8 +99,10 @@ class PFedHNStrategy(Strategy):
         with torch.no_grad():
             return [t.numpy() for t in self.hnet(partition_id).values()]
 
-    def update(self, partition_ids: Sequence[int], delta_thetas: Sequence[list[np.ndarray]]) -> None:
-        """phi <- phi - lr * clip(mean_i (d theta_i / d phi)^T delta_theta_i).
+    def update(
+        self, partition_ids: Sequence[int], delta_thetas: Sequence[list[np.ndarray]]
+    ) -> None:
+        """Phi <- phi - lr * clip(mean_i (d theta_i / d phi)^T delta_theta_i).
 
         One vector-Jacobian product over all clients of the round; with the
         authors' one client per round it is exactly their update.

@@ -39,7 +39,7 @@ def test_pfedhn_pc_head_after_round_r_is_the_one_trained_in_round_r_minus_1():
     assert evaluations == [0, 12]
     revisited = 0
     for history in fits.values():
-        for previous, current in zip(history, history[1:]):
+        for previous, current in zip(history, history[1:], strict=False):
             assert current["head-fingerprint-in"] == previous["head-fingerprint-out"]
             revisited += 1
         for fit in history:

@@ -1,0 +1,85 @@
+"""The seed README's commands compose, and bad input fails fast and clearly."""
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from pFedHN.config import ConfigError, validate
+from pFedHN.dataset import DataNotFoundError
+from pFedHN.main import prepare
+from tests.conftest import REPO, TINY_OVERRIDES, compose_config
+
+SEED_COMMANDS = {
+    "defaults": [],
+    "cifar100": ['dataset.data="cifar100"', "model.out_dim=100", "client.num_classes_per_node=10"],
+    "mnist": ['dataset.data="mnist"', "model.n_kernels=7", "model.in_channels=1",
+              "model.n_hidden=1"],
+    "pc": ["model.local=True", "model.variant=1", "server.lr=5e-2"],
+    "cifar100-pc": ['dataset.data="cifar100"', "model.out_dim=100",
+                    "client.num_classes_per_node=10", "model.local=True", "model.variant=1",
+                    "server.lr=5e-2"],
+}
+
+
+@pytest.mark.parametrize("name", SEED_COMMANDS)
+def test_seed_readme_commands_compose_and_validate(name):
+    overrides = SEED_COMMANDS[name]
+    result = subprocess.run(
+        [sys.executable, "-m", "pFedHN.main", *overrides, "--cfg", "job"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    cfg = OmegaConf.create(result.stdout)
+    validate(cfg)
+    for override in overrides:
+        key, value = override.split("=")
+        assert OmegaConf.select(cfg, key) == OmegaConf.create(f"v: {value}").v
+
+
+def test_defaults_are_the_authors_cifar10_setting():
+    cfg = compose_config([])
+    assert (cfg.dataset.data, cfg.num_clients, cfg.num_rounds, cfg.eval_every) == \
+        ("cifar10", 50, 5000, 30)
+    assert (cfg.model.variant, cfg.model.local, cfg.model.n_kernels, cfg.model.n_hidden) == \
+        (0, False, 16, 3)
+    assert (cfg.client.inner_steps, cfg.client.batch_size, cfg.client.inner_lr,
+            cfg.client.inner_wd) == (50, 64, 5e-3, 5e-5)
+    assert (cfg.server.lr, cfg.server.momentum, cfg.server.wd, cfg.server.clip_norm) == \
+        (1e-2, 0.9, 1e-3, 50.0)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("dataset.data=svhn", "dataset.data"),
+    ("client.num_classes_per_node=11", "client.num_classes_per_node"),
+    ("model.variant=2", "model.variant"),
+    ("model.local=True", "model.local"),  # PC needs model.variant=1 too
+    ("model.in_channels=3", "model.in_channels"),
+    ("model.out_dim=100", "model.out_dim"),
+    ("num_rounds=0", "num_rounds"),
+    ("server.lr=-1", "server.lr"),
+    ("client.batch_size=0", "client.batch_size"),
+    ("eval_every=1000", "eval_every"),
+])
+def test_bad_values_name_the_key(override, key):
+    cfg = compose_config(TINY_OVERRIDES + ["num_rounds=100", override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_missing_data_offline_fails_before_any_work(tmp_path):
+    cfg = compose_config(TINY_OVERRIDES + [f"dataset.root={tmp_path}"])
+    with pytest.raises(DataNotFoundError, match="MNIST/raw"):
+        prepare(cfg)
+
+
+def test_bad_input_exits_with_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pFedHN.main", "dataset.data=imagenet",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "dataset.data='imagenet' is not valid" in result.stderr
+    assert "Traceback" not in result.stderr
