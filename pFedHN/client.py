@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pFedHN.config import target_kwargs
+from pFedHN.config import data_spec, target_kwargs
 from pFedHN.dataset import ClientData, federated_data
 from pFedHN.models import CNNTarget, LocalLayer
 
@@ -227,7 +227,7 @@ def make_client_app(cfg: DictConfig) -> ClientApp:
             torch.set_num_threads(int(threads))
         partition_id = int(context.node_config["partition-id"])
         clients = federated_data(
-            cfg.dataset.data, cfg.dataset.root, cfg.num_clients,
+            data_spec(cfg), cfg.dataset.root, cfg.num_clients,
             cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed,
         )
         return PFedHNClient(

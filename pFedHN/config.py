@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pFedHN.dataset import DATASETS
+from pFedHN.dataset import DATASETS, DatasetSpec, dataset_spec
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC"}
 
@@ -34,7 +34,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value that cannot give a correct run."""
     if cfg.dataset.data not in DATASETS:
         _fail("dataset.data", cfg.dataset.data, f"choose one of {sorted(DATASETS)}")
-    spec = DATASETS[cfg.dataset.data]
+    spec = data_spec(cfg)
 
     if cfg.model.variant not in VARIANTS:
         _fail("model.variant", cfg.model.variant,
@@ -80,12 +80,22 @@ def validate(cfg: DictConfig) -> None:
               f"null or a number in (0, {os.cpu_count()}] (cores on this machine)")
 
 
+def data_spec(cfg: DictConfig) -> DatasetSpec:
+    """The dataset's spec; an image folder's classes are read off disk."""
+    def channels(key: str) -> tuple[float, ...] | None:
+        value = OmegaConf.select(cfg, key)
+        return None if value is None else tuple(float(v) for v in value)
+
+    return dataset_spec(cfg.dataset.data, cfg.dataset.root, cfg.dataset.image_size,
+                        channels("dataset.mean"), channels("dataset.std"))
+
+
 def target_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """Arguments of CNNTarget for this config."""
     return {
         "in_channels": cfg.model.in_channels,
         "n_kernels": cfg.model.n_kernels,
         "out_dim": cfg.model.out_dim,
-        "input_size": DATASETS[cfg.dataset.data].image_size,
+        "input_size": data_spec(cfg).image_size,
         "local": bool(cfg.model.local),
     }

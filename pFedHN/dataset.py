@@ -7,41 +7,48 @@ a time: the inner loop never touches PIL images or per-sample transforms.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision import datasets
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2.functional import resize
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the code needs to know about a dataset before reading it."""
 
-    torchvision_class: type
     num_classes: int
     in_channels: int
     image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    layout: str  # the files torchvision expects under dataset.root
+    mean: tuple[float, ...] | None  # None: measured on the training images
+    std: tuple[float, ...] | None
+    layout: str  # the files expected under dataset.root
+    torchvision_class: type | None = None  # None: an image folder
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
-        datasets.MNIST, 10, 1, 28, (0.1307,), (0.3081,),
+        10, 1, 28, (0.1307,), (0.3081,),
         "<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+        datasets.MNIST,
     ),
     "cifar10": DatasetSpec(
-        datasets.CIFAR10, 10, 3, 32,
-        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+        10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
         "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+        datasets.CIFAR10,
     ),
     "cifar100": DatasetSpec(
-        datasets.CIFAR100, 100, 3, 32,
-        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
         "<root>/cifar-100-python/{train,test,meta}",
+        datasets.CIFAR100,
+    ),
+    # Your own images in torchvision's ImageFolder layout; classes are read off disk.
+    "folder": DatasetSpec(
+        0, 3, 32, None, None, "<root>/{train,test}/<class>/<image>.{jpg,png,...}"
     ),
 }
 
@@ -50,9 +57,42 @@ class DataNotFoundError(FileNotFoundError):
     """The dataset is not under dataset.root and could not be downloaded."""
 
 
+def dataset_spec(
+    name: str,
+    root: str | Path,
+    image_size: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> DatasetSpec:
+    """The spec of ``name``; for an image folder, with its classes read off disk."""
+    spec = DATASETS[name]
+    if spec.torchvision_class is not None:
+        return spec
+    root = Path(root).expanduser().resolve()
+    classes = {}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataNotFoundError(
+                f"dataset.data=folder: {folder} is not a directory. "
+                f"Expected layout under dataset.root={root}: {spec.layout}"
+            )
+        classes[split] = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not classes["train"] or classes["train"] != classes["test"]:
+        raise DataNotFoundError(
+            f"dataset.data=folder: the class folders of {root}/train {classes['train']} "
+            f"and {root}/test {classes['test']} must be the same, non-empty list"
+        )
+    return replace(spec, num_classes=len(classes["train"]),
+                   image_size=image_size or spec.image_size, mean=mean, std=std)
+
+
 def ensure_available(name: str, root: str | Path, download: bool) -> None:
     """Check (or download) the dataset before any long work starts."""
     spec = DATASETS[name]
+    if spec.torchvision_class is None:
+        dataset_spec(name, root)  # raises when the folder layout is not there
+        return
     root = Path(root).expanduser().resolve()
     try:
         for train in (True, False):
@@ -76,10 +116,11 @@ def ensure_available(name: str, root: str | Path, download: bool) -> None:
 
 
 def load_images(
-    name: str, root: str | Path, train: bool
+    spec: DatasetSpec, root: str | Path, train: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole split as (uint8 images N x C x H x W, int64 labels)."""
-    spec = DATASETS[name]
+    if spec.torchvision_class is None:
+        return _load_folder(Path(root) / ("train" if train else "test"), spec.image_size)
     ds = spec.torchvision_class(str(root), train=train, download=False)
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # MNIST: N x H x W
@@ -87,6 +128,18 @@ def load_images(
     else:  # CIFAR: N x H x W x C
         images = images.permute(0, 3, 1, 2)
     return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+
+def _load_folder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image of an ImageFolder once, to RGB at image_size x image_size."""
+    listing = datasets.ImageFolder(str(folder))  # torchvision's layout and file filter
+    images = torch.empty(len(listing.samples), 3, image_size, image_size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(listing.samples):
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        if image.shape[1:] != (image_size, image_size):
+            image = resize(image, [image_size, image_size], antialias=True)
+        images[i] = image
+    return images, torch.tensor(listing.targets, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -132,10 +185,12 @@ def assign_classes(
 
 
 def split_by_assignment(
-    labels: np.ndarray, assignment: list[ClientClasses], rng: np.random.Generator
+    labels: np.ndarray,
+    assignment: list[ClientClasses],
+    num_classes: int,
+    rng: np.random.Generator,
 ) -> list[np.ndarray]:
     """Disjoint sample indices per client: int(n_c * p) samples of each class c."""
-    num_classes = int(labels.max()) + 1
     pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
     class_sizes = [len(pool) for pool in pools]
     indices = []
@@ -169,7 +224,7 @@ class ClientData:
 
 @functools.lru_cache(maxsize=1)
 def federated_data(
-    name: str,
+    spec: DatasetSpec,
     root: str,
     num_clients: int,
     classes_per_client: int,
@@ -177,10 +232,9 @@ def federated_data(
     seed: int,
 ) -> tuple[ClientData, ...]:
     """Every client's data, built once per process (cached) from one seed."""
-    spec = DATASETS[name]
     rng = np.random.default_rng(seed)
-    train_x, train_y = load_images(name, root, train=True)
-    test_x, test_y = load_images(name, root, train=False)
+    train_x, train_y = load_images(spec, root, train=True)
+    test_x, test_y = load_images(spec, root, train=False)
 
     order = rng.permutation(len(train_y))
     val_idx, train_idx = order[:val_size], order[val_size:]
@@ -191,12 +245,16 @@ def federated_data(
     }
     assignment = assign_classes(num_clients, spec.num_classes, classes_per_client, rng)
     per_split = {
-        split: split_by_assignment(y.numpy(), assignment, rng)
+        split: split_by_assignment(y.numpy(), assignment, spec.num_classes, rng)
         for split, (_, y) in splits.items()
     }
 
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
+    if spec.mean is None or spec.std is None:  # measured on the training images
+        pixels = train_x.float().div_(255.0).transpose(0, 1).flatten(1)
+        mean, std = pixels.mean(1), pixels.std(1)
+    else:
+        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+    mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
     clients = []
     for i in range(num_clients):
         parts = {}

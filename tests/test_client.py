@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 
 from pFedHN.client import InnerLoop, PFedHNClient, derive_seed
-from pFedHN.dataset import federated_data
+from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.models import CNNTarget
 from tests.conftest import TINY_MNIST
 
@@ -30,7 +30,7 @@ def manual_inner_loop(theta, data, seed):
 
 
 def make_client(partition_id=3, state=None, local=False):
-    data = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
     model = CNNTarget(**KW, local=local)
     return PFedHNClient(partition_id, data, model, LOOP, seed=7,
                         state=state if state is not None else RecordDict(), out_dim=10), data

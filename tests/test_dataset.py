@@ -3,10 +3,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from torchvision.io import write_png
 
 from pFedHN.dataset import (
+    DATASETS,
     DataNotFoundError,
     assign_classes,
+    dataset_spec,
     ensure_available,
     federated_data,
     split_by_assignment,
@@ -38,7 +41,7 @@ def test_split_takes_int_n_times_p_disjoint_samples_per_class():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=5000)
     assignment = assign_classes(20, 10, 2, rng)
-    indices = split_by_assignment(labels, assignment, rng)
+    indices = split_by_assignment(labels, assignment, 10, rng)
     flat = np.concatenate(indices)
     assert len(flat) == len(set(flat.tolist()))  # disjoint
     sizes = np.bincount(labels, minlength=10)
@@ -50,7 +53,7 @@ def test_split_takes_int_n_times_p_disjoint_samples_per_class():
 
 
 def test_clients_have_the_same_class_mix_in_train_val_and_test():
-    clients = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 0)
+    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)
     assert len(clients) == 10
     for data in clients:
         mixes = []
@@ -69,16 +72,16 @@ def test_clients_have_the_same_class_mix_in_train_val_and_test():
 
 def test_split_is_seeded():
     federated_data.cache_clear()
-    a = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 1)
+    a = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 1)
     federated_data.cache_clear()
-    b = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 1)
-    c = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 2)
+    b = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 1)
+    c = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 2)
     assert all(torch.equal(x.train_x, y.train_x) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x.train_y, y.train_y) for x, y in zip(a, c, strict=True))
 
 
 def test_normalisation_matches_totensor_then_normalize():
-    data = federated_data("mnist", str(TINY_MNIST), 10, 2, 500, 0)[0]
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[0]
     x = data.train_x[:4]
     expected = (x.float() / 255.0 - 0.1307) / 0.3081
     torch.testing.assert_close(data.normalize(x), expected)
@@ -94,3 +97,37 @@ def test_missing_data_offline_names_root_and_layout(tmp_path):
 
 def test_present_data_passes_the_check():
     ensure_available("mnist", TINY_MNIST, download=False)
+
+
+def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=(12, 4), size=20):
+    """A small ImageFolder tree of PNGs; pixel values encode the class."""
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                image = torch.full((3, size, size), 40 * label + k, dtype=torch.uint8)
+                write_png(image, str(root / split / name / f"{k}.png"))
+
+
+def test_image_folder_is_read_split_and_resized(tmp_path):
+    write_image_folder(tmp_path)
+    spec = dataset_spec("folder", tmp_path, image_size=32)
+    assert (spec.num_classes, spec.in_channels, spec.image_size) == (3, 3, 32)
+    clients = federated_data(spec, str(tmp_path), 3, 1, 6, 0)
+    for data in clients:
+        assert data.train_x.shape[1:] == (3, 32, 32) and data.train_x.dtype == torch.uint8
+        label = int(data.test_y[0])
+        assert set(data.train_y.tolist()) == set(data.test_y.tolist()) == {label}
+        assert int(data.test_x[0, 0, 0, 0]) // 40 == label  # images stay with their labels
+    # mean measured on all 36 training images: (40 * mean label + mean k) / 255
+    expected = torch.full((3, 1, 1), (40 * 1 + 5.5) / 255)
+    torch.testing.assert_close(clients[0].mean, expected)
+
+
+def test_image_folder_problems_are_named(tmp_path):
+    with pytest.raises(DataNotFoundError, match="train"):
+        dataset_spec("folder", tmp_path)
+    write_image_folder(tmp_path)
+    (tmp_path / "test" / "emu").rename(tmp_path / "test" / "owl")
+    with pytest.raises(DataNotFoundError, match="must be the same"):
+        dataset_spec("folder", tmp_path)
