@@ -92,6 +92,7 @@ class PFedHNStrategy(Strategy):
         self.node_of: dict[int, ClientProxy] = {}  # partition id -> node
         self.partition_of: dict[str, int] = {}  # node id (cid) -> partition id
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
+        self._evaluation_start = 0.0
 
     # --- the algorithm -------------------------------------------------------
     def generate(self, partition_id: int) -> list[np.ndarray]:
@@ -189,6 +190,7 @@ class PFedHNStrategy(Strategy):
         if server_round not in self.eval_rounds:
             return []
         self._discover_partitions(client_manager, server_round)
+        self._evaluation_start = time.perf_counter()
         return [
             (self.node_of[i], EvaluateIns(ndarrays_to_parameters(self.generate(i)), {}))
             for i in range(self.num_clients)
@@ -207,6 +209,7 @@ class PFedHNStrategy(Strategy):
             return None, {}
         metrics = pooled_metrics([r.metrics for _, r in results])
         metrics["clients_evaluated"] = len(results)
+        metrics["evaluation_time_s"] = time.perf_counter() - self._evaluation_start
         if self.on_evaluate is not None:
             self.on_evaluate(server_round, metrics)
         return metrics["val_loss"], metrics
