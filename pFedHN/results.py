@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,21 @@ def summarize(evaluations: list[dict[str, float]]) -> dict[str, float | int | No
     }
 
 
+def environment() -> dict[str, Any]:
+    """The hardware and versions a run used, for the results table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": None,
+            "python": platform.python_version(),
+            "torch": version("torch"), "flwr": version("flwr")}
+
+
 class RunRecorder:
     """Receives the strategy's callbacks; keeps results.json and the plot current."""
 
@@ -46,6 +63,7 @@ class RunRecorder:
         self.round_times: list[dict[str, float]] = []
         self.failed_rounds: list[int] = []
         self.start = time.perf_counter()
+        self.environment = environment()
         self._last_round_end = None
         self.progress = tqdm(total=num_rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
@@ -91,6 +109,7 @@ class RunRecorder:
             "rounds_completed": self.progress.n,
             "failed_rounds": self.failed_rounds,
             "timing": self.timing(),
+            "environment": self.environment,
             "evaluations": self.evaluations,
         })
 
@@ -115,3 +134,170 @@ class RunRecorder:
         self.progress.close()
         self.save()
         return json.loads((self.run_dir / "results.json").read_text())
+
+
+# --- The README's results table, regenerated from committed run summaries ----------
+
+# The paper's test accuracy (%), by (dataset, variant, clients); REFERENCE section 3.
+PAPER = {
+    ("mnist", 0, 50): "99.28 ± 0.11",
+    ("cifar10", 0, 50): "88.38 ± 0.29",
+    ("cifar10", 1, 10): "92.47",
+    ("cifar10", 1, 50): "90.08 ± 0.63",
+    ("cifar10", 1, 100): "88.09",
+    ("cifar100", 0, 50): "59.48 ± 0.67",
+    ("cifar100", 1, 10): "68.15",
+    ("cifar100", 1, 50): "60.17",
+    ("cifar100", 1, 100): "53.24",
+}
+DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+VARIANT_NAMES = {0: "pFedHN", 1: "pFedHN-PC"}
+PC = "model.local=True model.variant=1 server.lr=5e-2"
+C100 = 'dataset.data="cifar100" model.out_dim=100 client.num_classes_per_node=10'
+# Rows of the paper that have no run here yet: the exact command to make one.
+NOT_RUN = {
+    ("cifar100", 0, 50): f"python -m pFedHN.main {C100}",
+    ("cifar100", 1, 50): f"python -m pFedHN.main {C100} {PC}",
+}
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load_summaries(runs_dir: Path) -> list[dict[str, Any]]:
+    """Each run summary folder (config.yaml + results.json), sorted by name."""
+    from omegaconf import OmegaConf  # only the table needs it
+
+    summaries = []
+    for folder in sorted(p for p in runs_dir.iterdir() if (p / "results.json").exists()):
+        cfg = OmegaConf.load(folder / "config.yaml")
+        results = json.loads((folder / "results.json").read_text())
+        paper_dataset = cfg.dataset.get("paper_dataset") or cfg.dataset.data
+        summaries.append({"name": folder.name, "cfg": cfg, "results": results,
+                          "key": (paper_dataset, int(cfg.model.variant), int(cfg.num_clients))})
+    return summaries
+
+
+def _dataset_label(cfg) -> str:
+    if cfg.dataset.data == "folder":
+        like = DATASET_NAMES.get(cfg.dataset.get("paper_dataset"), "images")
+        return f"{like} ({Path(cfg.dataset.root).name}, folder)"
+    return DATASET_NAMES[cfg.dataset.data]
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def results_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown table: one row per run, then the paper's rows with no run yet."""
+    lines = [
+        "| dataset | clients | algorithm | rounds | paper | ours: test at best val "
+        "| ours: final test | hardware | wall time | run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        cfg, res = s["cfg"], s["results"]
+        env = res.get("environment", {})
+        done = res.get("rounds_completed", cfg.num_rounds)
+        rounds = f"{done}" if done == cfg.num_rounds else f"{done} of {cfg.num_rounds}"
+        lines.append(
+            f"| {_dataset_label(cfg)} | {cfg.num_clients} | {VARIANT_NAMES[cfg.model.variant]} "
+            f"| {rounds} | {PAPER.get(s['key'], '–')} | {_pct(res['test_acc_at_best_val'])} "
+            f"(round {res['best_round']}) | {_pct(res['final_test_acc'])} "
+            f"| {env.get('cpu_cores', '?')} CPU cores ({env.get('cpu', '?')}) "
+            f"| {res['wall_time_s'] / 60:.0f} min | `_static/runs/{s['name']}` |"
+        )
+    done_keys = {s["key"] for s in summaries}
+    for key, command in NOT_RUN.items():
+        if key not in done_keys:
+            dataset, variant, clients = key
+            lines.append(
+                f"| {DATASET_NAMES[dataset]} | {clients} | {VARIANT_NAMES[variant]} | 5000 "
+                f"| {PAPER[key]} | not run here (no copy of the data) | | | | `{command}` |"
+            )
+    return "\n".join(lines)
+
+
+def plot_runs(summaries: list[dict[str, Any]], static_dir: Path) -> list[Path]:
+    """One accuracy-vs-round plot per dataset: a line per run, the paper as reference."""
+    by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by_dataset.setdefault(s["key"][0], []).append(s)
+    written = []
+    for dataset, runs in sorted(by_dataset.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s in runs:
+            evaluations = s["results"]["evaluations"]
+            label = f"{VARIANT_NAMES[s['cfg'].model.variant]}, {s['cfg'].num_clients} clients"
+            line, = ax.plot([e["round"] for e in evaluations],
+                            [100 * e["test_acc"] for e in evaluations], label=label)
+            paper = PAPER.get(s["key"])
+            if paper is not None:
+                ax.axhline(float(paper.split()[0]), color=line.get_color(), linestyle="--",
+                           linewidth=1, label=f"paper: {label} ({paper})")
+        ax.set_title(f"Test accuracy during training: {DATASET_NAMES.get(dataset, dataset)}")
+        ax.set_xlabel("round (hypernetwork step)")
+        ax.set_ylabel("test accuracy, pooled over clients (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        path = static_dir / f"accuracy_{dataset}.png"
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def regenerate(runs_dir: Path, readme: Path, static_dir: Path) -> None:
+    """Rewrite the README's table between its markers and the plots in _static/."""
+    summaries = load_summaries(runs_dir)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    plots = plot_runs(summaries, static_dir)
+    body = "\n".join([
+        "Regenerated by `python -m pFedHN.results` from the run summaries in "
+        "`_static/runs/` (each: `config.yaml` and `results.json`). Headline: test "
+        "accuracy at the round of best pooled validation accuracy.",
+        "",
+        results_table(summaries),
+        "",
+        *[f"![{p.stem}]({p.relative_to(readme.parent).as_posix()})" for p in plots],
+    ])
+    readme.write_text(f"{head}{START}\n{body}\n{END}{tail}")
+
+
+def collect(run_dir: Path, runs_dir: Path, name: str) -> Path:
+    """Copy a run's summary (config without machine paths, results.json) for committing."""
+    from omegaconf import OmegaConf
+
+    target = runs_dir / name
+    target.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.dataset.root = Path(cfg.dataset.root).name  # no paths of this machine
+    (target / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (target / "results.json").write_text((run_dir / "results.json").read_text())
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pFedHN.results [--collect RUN_DIR NAME]``: regenerate the table."""
+    import argparse
+
+    repo = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description="Regenerate the README's results table.")
+    parser.add_argument("--collect", nargs=2, metavar=("RUN_DIR", "NAME"), action="append",
+                        default=[], help="first copy a run's summary into _static/runs/NAME")
+    parser.add_argument("--readme", type=Path, default=repo / "README.md")
+    parser.add_argument("--static", type=Path, default=repo / "_static")
+    args = parser.parse_args(argv)
+    runs_dir = args.static / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for run_dir, name in args.collect:
+        collect(Path(run_dir), runs_dir, name)
+    regenerate(runs_dir, args.readme, args.static)
+
+
+if __name__ == "__main__":
+    main()
