@@ -32,7 +32,7 @@ from flwr.app import RecordDict
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from pFedHN.client import InnerLoop, PFedHNClient
+from pFedHN.client import HeadStore, InnerLoop, PFedHNClient
 from pFedHN.config import data_spec, target_kwargs
 from pFedHN.dataset import federated_data
 from pFedHN.main import prepare, run
@@ -98,7 +98,7 @@ def plain_rounds(cfg, rounds: int) -> dict[str, list[float]]:
         theta = strategy.generate(i)
         t1 = time.perf_counter()
         client = PFedHNClient(i, clients[i], CNNTarget(**target_kwargs(cfg)), loop, cfg.seed,
-                              states[i], cfg.model.out_dim)
+                              cfg.model.out_dim, HeadStore(states[i]))
         delta_theta, _, _ = client.fit(theta, {"server-round": server_round})
         t2 = time.perf_counter()
         strategy.update([i], [delta_theta])

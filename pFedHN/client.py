@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,13 +106,61 @@ def fingerprint(module: nn.Module) -> int:
     return crc
 
 
-class PFedHNClient(NumPyClient):
-    """Loads the theta_i the server generated, trains it, returns delta_theta.
+class HeadStore:
+    """Where a pFedHN-PC client keeps its private head and momentum between rounds.
 
-    With pFedHN-PC the private head and its optimizer state live in Flower's
-    ``Context.state``, which persists on the node across rounds (a client
-    object is built anew every round, so an attribute would not).
+    Always in Flower's ``Context.state``, which persists on the node across rounds
+    (a client object is built anew every round, so an attribute would not). In
+    simulation it is also mirrored to ``mirror_dir/<round>.pt`` so that a resumed
+    simulation, whose new processes start with an empty ``Context.state``, picks
+    up each head as it was at the checkpoint. On real devices there is no mirror.
     """
+
+    def __init__(
+        self, state: RecordDict, mirror_dir: Path | None = None, checkpoint_every: int = 1
+    ) -> None:
+        self.state = state
+        self.mirror_dir = mirror_dir
+        self.checkpoint_every = checkpoint_every
+
+    def load(self) -> tuple[dict, dict] | None:
+        """(head state dict, momentum buffers by name), or None before the first fit."""
+        if "head" in self.state:
+            return (self.state["head"].to_torch_state_dict(),
+                    self.state["head_momentum"].to_torch_state_dict())
+        saved = sorted(self.mirror_dir.glob("*.pt")) if self.mirror_dir else []
+        if saved:
+            payload = torch.load(saved[-1], weights_only=True)
+            return payload["head"], payload["momentum"]
+        return None
+
+    def save(self, head: dict, momentum: dict, server_round: int) -> None:
+        """Keep the head; in simulation also on disk, pruned to what a resume can need."""
+        self.state["head"] = ArrayRecord(torch_state_dict=head)
+        self.state["head_momentum"] = ArrayRecord(torch_state_dict=momentum)
+        if self.mirror_dir is None:
+            return
+        self.mirror_dir.mkdir(parents=True, exist_ok=True)
+        path = self.mirror_dir / f"{server_round:08d}.pt"
+        torch.save({"head": head, "momentum": momentum}, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        # The server checkpointed last at or before this round's start; a resume
+        # needs the newest head up to that round, and anything newer.
+        last_checkpoint = (server_round - 1) // self.checkpoint_every * self.checkpoint_every
+        older = [p for p in sorted(self.mirror_dir.glob("*.pt")) if int(p.stem) <= last_checkpoint]
+        for stale in older[:-1]:
+            stale.unlink()
+
+
+def discard_heads_after(mirror_root: Path, server_round: int) -> None:
+    """Before a resume: forget heads trained after the checkpoint's round."""
+    for path in mirror_root.glob("*/*.pt"):
+        if int(path.stem) > server_round:
+            path.unlink()
+
+
+class PFedHNClient(NumPyClient):
+    """Loads the theta_i the server generated, trains it, returns delta_theta."""
 
     def __init__(
         self,
@@ -119,17 +169,19 @@ class PFedHNClient(NumPyClient):
         model: CNNTarget,
         loop: InnerLoop,
         seed: int,
-        state: RecordDict,
         out_dim: int,
+        heads: HeadStore | None = None,
     ) -> None:
         self.partition_id = partition_id
         self.data = data
         self.model = model
         self.loop = loop
         self.seed = seed
-        self.state = state
         self.out_dim = out_dim
         self.local = model.fc3 is None
+        if self.local and heads is None:
+            raise ValueError("a pFedHN-PC client needs a HeadStore for its private head")
+        self.heads = heads
 
     def get_properties(self, config: dict) -> dict[str, int]:
         """Tell the server which partition this node holds."""
@@ -144,7 +196,7 @@ class PFedHNClient(NumPyClient):
         return theta
 
     def _head(self) -> tuple[LocalLayer, torch.optim.SGD]:
-        """The private head and its optimizer, as last left in Context.state."""
+        """The private head and its optimizer, as this client last left them."""
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(self.seed, self.partition_id, 0, 1))
             head = LocalLayer(84, self.out_dim)
@@ -152,21 +204,23 @@ class PFedHNClient(NumPyClient):
             head.parameters(), lr=self.loop.lr, momentum=self.loop.momentum,
             weight_decay=self.loop.weight_decay,
         )
-        if "head" in self.state:
-            head.load_state_dict(self.state["head"].to_torch_state_dict())
-            momentum = self.state["head_momentum"].to_torch_state_dict()
+        saved = self.heads.load()
+        if saved is not None:
+            head.load_state_dict(saved[0])
             for name, param in head.named_parameters():
-                if name in momentum:
-                    optimizer.state[param]["momentum_buffer"] = momentum[name]
+                if name in saved[1]:
+                    optimizer.state[param]["momentum_buffer"] = saved[1][name]
         return head, optimizer
 
-    def _store_head(self, head: LocalLayer, optimizer: torch.optim.SGD) -> None:
-        self.state["head"] = ArrayRecord(torch_state_dict=head.state_dict())
-        self.state["head_momentum"] = ArrayRecord(torch_state_dict={
+    def _store_head(
+        self, head: LocalLayer, optimizer: torch.optim.SGD, server_round: int
+    ) -> None:
+        momentum = {
             name: optimizer.state[param]["momentum_buffer"]
             for name, param in head.named_parameters()
             if optimizer.state[param].get("momentum_buffer") is not None
-        })
+        }
+        self.heads.save(head.state_dict(), momentum, server_round)
 
     def fit(
         self, parameters: list[np.ndarray], config: dict
@@ -174,8 +228,9 @@ class PFedHNClient(NumPyClient):
         """Train theta_i locally and return delta_theta = theta_i - theta_tilde_i."""
         start = time.perf_counter()
         theta = self._load_theta(parameters)
+        server_round = int(config["server-round"])
         generator = torch.Generator().manual_seed(
-            derive_seed(self.seed, self.partition_id, int(config["server-round"]))
+            derive_seed(self.seed, self.partition_id, server_round)
         )
         metrics: dict = {"partition-id": self.partition_id}
         head = optimizer = None
@@ -184,7 +239,7 @@ class PFedHNClient(NumPyClient):
             metrics["head-fingerprint-in"] = fingerprint(head)
         metrics |= train_inner_loop(self.model, self.data, self.loop, generator, head, optimizer)
         if self.local:
-            self._store_head(head, optimizer)
+            self._store_head(head, optimizer, server_round)
             metrics["head-fingerprint-out"] = fingerprint(head)
         delta_theta = [
             (theta[name] - param.detach()).contiguous().numpy()
@@ -208,11 +263,12 @@ class PFedHNClient(NumPyClient):
         return metrics["val-loss-sum"] / max(metrics["val-n"], 1), metrics["val-n"], metrics
 
 
-def make_client_app(cfg: DictConfig) -> ClientApp:
+def make_client_app(cfg: DictConfig, head_mirror_dir: Path | None = None) -> ClientApp:
     """A ClientApp whose clients read their partition from the node config.
 
     Only the (small) config travels in the closure: each worker process loads
     and splits the data once and keeps it (``federated_data`` is cached).
+    ``head_mirror_dir``: simulation only, see ``HeadStore``.
     """
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     loop = InnerLoop(
@@ -230,9 +286,14 @@ def make_client_app(cfg: DictConfig) -> ClientApp:
             data_spec(cfg), cfg.dataset.root, cfg.num_clients,
             cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed,
         )
+        heads = HeadStore(
+            context.state,
+            head_mirror_dir / str(partition_id) if head_mirror_dir else None,
+            cfg.checkpoint_every,
+        )
         return PFedHNClient(
             partition_id, clients[partition_id], CNNTarget(**target_kwargs(cfg)),
-            loop, cfg.seed, context.state, cfg.model.out_dim,
+            loop, cfg.seed, cfg.model.out_dim, heads,
         ).to_client()
 
     return ClientApp(client_fn=client_fn)

@@ -51,7 +51,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.out_dim != spec.num_classes:
         _fail("model.out_dim", cfg.model.out_dim,
               f"dataset.data={cfg.dataset.data} has {spec.num_classes} classes")
-    for key in ("num_rounds", "num_clients", "eval_every", "model.n_kernels",
+    for key in ("num_rounds", "num_clients", "eval_every", "checkpoint_every", "model.n_kernels",
                 "model.hidden_dim", "client.inner_steps", "client.batch_size",
                 "client.num_classes_per_node", "server.clients_per_round",
                 "dataset.val_size"):

@@ -11,11 +11,13 @@ from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pFedHN.client import make_client_app
+from pFedHN import checkpoint
+from pFedHN.checkpoint import CheckpointError
+from pFedHN.client import discard_heads_after, make_client_app
 from pFedHN.config import VARIANTS, ConfigError, validate
 from pFedHN.dataset import DataNotFoundError, ensure_available
 from pFedHN.results import RunRecorder
-from pFedHN.server import make_server_app
+from pFedHN.server import build_strategy, make_server_app
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ def prepare(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         # Ray workers may run in another directory: give them an absolute root.
         cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().resolve())
+        if cfg.resume:
+            cfg.resume = str(Path(cfg.resume).expanduser().resolve())
         if cfg.simulation.num_cpus_per_client is None:
             cfg.simulation.num_cpus_per_client = os.cpu_count() or 1
     ensure_available(cfg.dataset.data, cfg.dataset.root, cfg.dataset.download)
@@ -34,19 +38,37 @@ def prepare(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run one experiment through Flower's simulation engine; return results.json."""
+    """Run (or resume) one experiment on Flower's simulation engine; return results.json."""
     cfg = prepare(cfg)
     run_dir = Path(run_dir)
+    resumed = checkpoint.load(run_dir, cfg) if cfg.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     title = f"{VARIANTS[cfg.model.variant]} on {cfg.dataset.data}, {cfg.num_clients} clients"
     recorder = RunRecorder(run_dir, cfg.num_rounds, title)
+    heads_dir = run_dir / "client_heads" if cfg.model.local and cfg.simulation.mirror_heads \
+        else None
+
+    def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
+        recorder.on_fit(server_round, client_metrics, server_metrics)
+        if server_round % cfg.checkpoint_every == 0 or server_round == cfg.num_rounds:
+            checkpoint.save(run_dir, cfg, server_round,
+                            strategy=strategy.state_dict(server_round),
+                            recorder=recorder.state_dict())
+
+    strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=recorder.on_evaluate)
+    if resumed is not None:
+        strategy.load_state_dict(resumed["strategy"])
+        recorder.load_state_dict(resumed["recorder"])
+        if heads_dir is not None:
+            discard_heads_after(heads_dir, resumed["round"])
+        log.info("resuming %s from round %d", run_dir, resumed["round"])
     log.info("%s: %d rounds, results in %s", title, cfg.num_rounds, run_dir)
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round chatter
     run_simulation(
-        server_app=make_server_app(cfg, on_fit=recorder.on_fit, on_evaluate=recorder.on_evaluate),
-        client_app=make_client_app(cfg),
+        server_app=make_server_app(strategy, cfg.num_rounds),
+        client_app=make_client_app(cfg, heads_dir),
         num_supernodes=cfg.num_clients,
         backend_config={
             "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": 0.0},
@@ -64,8 +86,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 def main(cfg: DictConfig) -> None:
     """Run the config Hydra composed, in Hydra's run directory."""
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, DataNotFoundError) as error:
+        run(cfg, cfg.resume or HydraConfig.get().runtime.output_dir)
+    except (ConfigError, DataNotFoundError, CheckpointError) as error:
         # A one-line message, not a traceback: the user's input is at fault.
         log.error("%s", error)
         raise SystemExit(f"error: {error}") from None

@@ -63,6 +63,7 @@ class RunRecorder:
         self.round_times: list[dict[str, float]] = []
         self.failed_rounds: list[int] = []
         self.start = time.perf_counter()
+        self.earlier_wall_time_s = 0.0  # of the sessions before a resume
         self.environment = environment()
         self._last_round_end = None
         self.progress = tqdm(total=num_rounds, desc="rounds", unit="round", dynamic_ncols=True)
@@ -83,8 +84,7 @@ class RunRecorder:
 
     def on_evaluate(self, server_round: int, metrics: dict[str, float]) -> None:
         """An evaluation of every client finished: record, save, plot."""
-        record = {"round": server_round, **metrics,
-                  "wall_time_s": time.perf_counter() - self.start}
+        record = {"round": server_round, **metrics, "wall_time_s": self.wall_time_s()}
         self.evaluations.append(record)
         self.progress.set_postfix(val_acc=f"{metrics['val_acc']:.4f}",
                                   test_acc=f"{metrics['test_acc']:.4f}")
@@ -92,6 +92,22 @@ class RunRecorder:
         self.plot()
         # Evaluation time is not a training round's time.
         self._last_round_end = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history a resumed run continues from."""
+        return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
+                "rounds_completed": self.progress.n, "wall_time_s": self.wall_time_s()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the history of an interrupted run."""
+        self.evaluations = list(state["evaluations"])
+        self.failed_rounds = list(state["failed_rounds"])
+        self.earlier_wall_time_s = state["wall_time_s"]
+        self.progress.update(state["rounds_completed"])
+
+    def wall_time_s(self) -> float:
+        """Seconds spent on this run, all sessions together."""
+        return self.earlier_wall_time_s + time.perf_counter() - self.start
 
     def timing(self) -> dict[str, float | None]:
         """Median seconds of a training round and of its client and server parts."""
@@ -105,7 +121,7 @@ class RunRecorder:
         write_json_atomic(self.run_dir / "results.json", {
             "title": self.title,
             **summarize(self.evaluations),
-            "wall_time_s": time.perf_counter() - self.start,
+            "wall_time_s": self.wall_time_s(),
             "rounds_completed": self.progress.n,
             "failed_rounds": self.failed_rounds,
             "timing": self.timing(),

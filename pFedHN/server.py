@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from flwr.app import Context
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.history import History
@@ -14,14 +15,15 @@ from pFedHN.strategy import PFedHNStrategy
 
 
 class PFedHNServer(Server):
-    """Flower's Server, plus an evaluation of the untrained model (round 0).
+    """Flower's Server, plus an evaluation before the first round.
 
     Flower evaluates only after each training round; the paper's curves start
-    from the hypernetwork's initial weights.
+    from the hypernetwork's initial weights (round 0), and a resumed run first
+    evaluates the round it resumes from (when that is an evaluation round).
     """
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        """Evaluate round 0, then run Flower's usual training loop."""
+        """Evaluate the starting point, then run Flower's usual training loop."""
         self.evaluate_round(server_round=0, timeout=timeout)
         return super().fit(num_rounds, timeout)
 
@@ -46,14 +48,13 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
     )
 
 
-def make_server_app(cfg: DictConfig, **callbacks) -> ServerApp:
-    """A ServerApp running ``cfg.num_rounds`` rounds of pFedHN."""
+def make_server_app(strategy: PFedHNStrategy, num_rounds: int) -> ServerApp:
+    """A ServerApp running ``strategy`` up to round ``num_rounds`` (from its start round)."""
 
-    def server_fn(context) -> ServerAppComponents:
-        strategy = build_strategy(cfg, **callbacks)
+    def server_fn(context: Context) -> ServerAppComponents:
         return ServerAppComponents(
             server=PFedHNServer(client_manager=SimpleClientManager(), strategy=strategy),
-            config=ServerConfig(num_rounds=cfg.num_rounds),
+            config=ServerConfig(num_rounds=num_rounds - strategy.start_round),
         )
 
     return ServerApp(server_fn=server_fn)

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,7 @@ class PFedHNStrategy(Strategy):
         self.on_evaluate = on_evaluate
         self.node_of: dict[int, ClientProxy] = {}  # partition id -> node
         self.partition_of: dict[str, int] = {}  # node id (cid) -> partition id
+        self.start_round = 0  # > 0 when resumed: Flower counts rounds from 1 again
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
         self._evaluation_start = 0.0
 
@@ -122,7 +124,24 @@ class PFedHNStrategy(Strategy):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    # --- Flower plumbing -----------------------------------------------------
+    # --- checkpoints ---------------------------------------------------------
+    def state_dict(self, server_round: int) -> dict[str, Any]:
+        """Everything needed to continue after ``server_round`` (a true round number)."""
+        return {
+            "round": server_round,
+            "hnet": self.hnet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: Flower's round r becomes round start_round + r."""
+        self.hnet.load_state_dict(state["hnet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.start_round = int(state["round"])
+
+    # --- Flower plumbing (``server_round`` is Flower's count) -----------------
     def _discover_partitions(self, client_manager: ClientManager, server_round: int) -> None:
         """Learn which partition each node holds (once; Flower's own protocol)."""
         if len(self.node_of) == self.num_clients:
@@ -154,6 +173,7 @@ class PFedHNStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample clients uniformly and send each its generated theta_i."""
         self._discover_partitions(client_manager, server_round)
+        server_round += self.start_round
         start = time.perf_counter()
         chosen = self.rng.choice(self.num_clients, self.clients_per_round, replace=False)
         instructions = [
@@ -171,6 +191,7 @@ class PFedHNStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Turn the clients' delta_theta into one hypernetwork step."""
+        server_round += self.start_round
         for failure in failures:
             log.warning("round %d: a client failed: %r", server_round, failure)
         start = time.perf_counter()
@@ -187,7 +208,7 @@ class PFedHNStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """On evaluation rounds, every client evaluates its own generated model."""
-        if server_round not in self.eval_rounds:
+        if server_round + self.start_round not in self.eval_rounds:
             return []
         self._discover_partitions(client_manager, server_round)
         self._evaluation_start = time.perf_counter()
@@ -203,6 +224,7 @@ class PFedHNStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Pool accuracy and loss over clients; report the per-client spread."""
+        server_round += self.start_round
         for failure in failures:
             log.warning("round %d: a client failed evaluation: %r", server_round, failure)
         if not results:

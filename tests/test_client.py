@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import RecordDict
 
-from pFedHN.client import InnerLoop, PFedHNClient, derive_seed
+from pFedHN.client import HeadStore, InnerLoop, PFedHNClient, derive_seed, discard_heads_after
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.models import CNNTarget
 from tests.conftest import TINY_MNIST
@@ -29,11 +29,11 @@ def manual_inner_loop(theta, data, seed):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def make_client(partition_id=3, state=None, local=False):
+def make_client(partition_id=3, state=None, local=False, mirror=None):
     data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
     model = CNNTarget(**KW, local=local)
-    return PFedHNClient(partition_id, data, model, LOOP, seed=7,
-                        state=state if state is not None else RecordDict(), out_dim=10), data
+    heads = HeadStore(state if state is not None else RecordDict(), mirror, checkpoint_every=3)
+    return PFedHNClient(partition_id, data, model, LOOP, seed=7, out_dim=10, heads=heads), data
 
 
 def test_delta_theta_is_theta_minus_trained_and_matches_manual_loop():
@@ -88,3 +88,23 @@ def test_pc_head_and_momentum_persist_in_the_state_record():
         assert torch.equal(optimizer.state[param]["momentum_buffer"], momentum[name])
     _, _, second = client.fit(arrays, {"server-round": 2})
     assert second["head-fingerprint-in"] == first["head-fingerprint-out"]
+
+
+def test_head_mirror_keeps_what_a_resume_needs_and_restores_it(tmp_path):
+    """Simulation mirror: with checkpoints every 3 rounds, a resume from the last
+    checkpoint finds the head as it was then, in a fresh Context.state."""
+    mirror = tmp_path / "3"  # <mirror root>/<partition id>/<round>.pt
+    arrays = [v.detach().numpy() for v in CNNTarget(**KW, local=True).state_dict().values()]
+    state = RecordDict()
+    fingerprints = {}
+    for server_round in (1, 2, 4, 5, 7):
+        client, _ = make_client(state=state, local=True, mirror=mirror)
+        fingerprints[server_round] = client.fit(arrays, {"server-round": server_round})[2]
+    # last checkpoint before round 7 started: round 6 -> keep round 5 (newest <= 6) and 7
+    assert sorted(p.stem for p in mirror.glob("*.pt")) == ["00000005", "00000007"]
+    discard_heads_after(tmp_path, 6)  # resume from the round-6 checkpoint
+    assert sorted(p.stem for p in mirror.glob("*.pt")) == ["00000005"]
+    client, _ = make_client(state=RecordDict(), local=True, mirror=mirror)  # new process
+    resumed = client.fit(arrays, {"server-round": 7})[2]
+    assert resumed["head-fingerprint-in"] == fingerprints[5]["head-fingerprint-out"]
+    assert resumed["head-fingerprint-out"] == fingerprints[7]["head-fingerprint-out"]

@@ -1,0 +1,103 @@
+"""Checkpoints: kill -9 and resume gives the uninterrupted run's results; bad ones refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pFedHN import checkpoint
+from pFedHN.checkpoint import CheckpointError
+from pFedHN.server import build_strategy
+from tests.conftest import REPO, TINY_OVERRIDES, compose_config
+
+SMALL = TINY_OVERRIDES + ["num_clients=4", "num_rounds=24", "eval_every=8",
+                          "checkpoint_every=8", "client.inner_steps=10"]
+PC = ["model.local=True", "model.variant=1", "server.lr=5e-2"]
+
+
+def main_command(run_dir, *extra):
+    return [sys.executable, "-m", "pFedHN.main", *SMALL, *PC, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def figures(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    keys = ("round", "val_acc", "test_acc", "val_loss", "test_loss", "test_acc_min")
+    return ([{k: e[k] for k in keys} for e in results["evaluations"]],
+            results["test_acc_at_best_val"], results["best_round"], results["final_test_acc"])
+
+
+@pytest.mark.simulation
+def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(main_command(whole), cwd=REPO, check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(main_command(broken), cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            path = broken / checkpoint.FILENAME
+            if path.exists() and torch.load(path, weights_only=False)["round"] >= 8:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("no checkpoint at round 8")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver, Ray and its workers
+        process.wait()
+    killed_at = torch.load(broken / checkpoint.FILENAME, weights_only=False)["round"]
+    assert 8 <= killed_at < 24
+
+    resumed = subprocess.run(main_command(broken, f"resume={broken}"), cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert figures(broken) == figures(whole)
+    assert [e["round"] for e in figures(broken)[0]] == [0, 8, 16, 24]
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    cfg = compose_config(SMALL)
+    strategy = build_strategy(cfg)
+    checkpoint.save(tmp_path, cfg, 10, strategy=strategy.state_dict(10),
+                    recorder={"evaluations": [], "failed_rounds": [], "rounds_completed": 10,
+                              "wall_time_s": 1.0})
+    return tmp_path, cfg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("num_clients=5", "num_clients"),
+    ("model.n_kernels=8", "model.n_kernels"),
+    ("dataset.data=cifar10", "dataset.data"),
+])
+def test_checkpoint_of_another_experiment_is_refused(saved_run, override, key):
+    run_dir, _ = saved_run
+    with pytest.raises(CheckpointError, match=key):
+        checkpoint.load(run_dir, compose_config(SMALL + [override]))
+
+
+def test_corrupt_or_missing_checkpoint_is_refused(saved_run, tmp_path):
+    run_dir, cfg = saved_run
+    payload = checkpoint.load(run_dir, cfg)  # the good one loads
+    assert payload["round"] == 10 and "hnet" in payload["strategy"]
+    (run_dir / checkpoint.FILENAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(run_dir, cfg)
+    with pytest.raises(CheckpointError, match="no checkpoint.pt"):
+        checkpoint.load(tmp_path / "elsewhere", cfg)
+
+
+def test_strategy_state_round_trips(saved_run):
+    run_dir, cfg = saved_run
+    fresh = build_strategy(compose_config(SMALL + ["seed=3"]))  # other initial weights
+    fresh.load_state_dict(checkpoint.load(run_dir, cfg)["strategy"])
+    assert fresh.start_round == 10
+    reference = build_strategy(cfg)
+    for a, b in zip(fresh.hnet.parameters(), reference.hnet.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert fresh.rng.integers(1000) == reference.rng.integers(1000)
