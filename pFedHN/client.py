@@ -6,6 +6,7 @@ import os
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,9 +267,19 @@ class PFedHNClient(NumPyClient):
 def make_client_app(cfg: DictConfig, head_mirror_dir: Path | None = None) -> ClientApp:
     """A ClientApp whose clients read their partition from the node config.
 
+    ``head_mirror_dir``: simulation only, see ``HeadStore``.
+    """
+    build_client = client_builder(cfg, head_mirror_dir)
+    return ClientApp(client_fn=lambda context: build_client(context).to_client())
+
+
+def client_builder(
+    cfg: DictConfig, head_mirror_dir: Path | None = None
+) -> Callable[[Context], PFedHNClient]:
+    """The function that builds a node's client from its Context, every round.
+
     Only the (small) config travels in the closure: each worker process loads
     and splits the data once and keeps it (``federated_data`` is cached).
-    ``head_mirror_dir``: simulation only, see ``HeadStore``.
     """
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     loop = InnerLoop(
@@ -278,7 +289,7 @@ def make_client_app(cfg: DictConfig, head_mirror_dir: Path | None = None) -> Cli
     )
     threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
 
-    def client_fn(context: Context) -> PFedHNClient:
+    def build_client(context: Context) -> PFedHNClient:
         if threads:
             torch.set_num_threads(int(threads))
         partition_id = int(context.node_config["partition-id"])
@@ -294,6 +305,6 @@ def make_client_app(cfg: DictConfig, head_mirror_dir: Path | None = None) -> Cli
         return PFedHNClient(
             partition_id, clients[partition_id], CNNTarget(**target_kwargs(cfg)),
             loop, cfg.seed, cfg.model.out_dim, heads,
-        ).to_client()
+        )
 
-    return ClientApp(client_fn=client_fn)
+    return build_client

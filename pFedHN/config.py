@@ -74,6 +74,8 @@ def validate(cfg: DictConfig) -> None:
               f"at most num_clients={cfg.num_clients}")
     if cfg.eval_every > cfg.num_rounds:
         _fail("eval_every", cfg.eval_every, f"at most num_rounds={cfg.num_rounds}")
+    if cfg.server.round_timeout is not None:
+        _positive(cfg, "server.round_timeout")
     cpus = cfg.simulation.num_cpus_per_client
     if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1)):
         _fail("simulation.num_cpus_per_client", cpus,

@@ -67,7 +67,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round chatter
     run_simulation(
-        server_app=make_server_app(strategy, cfg.num_rounds),
+        server_app=make_server_app(strategy, cfg.num_rounds, cfg.server.round_timeout),
         client_app=make_client_app(cfg, heads_dir),
         num_supernodes=cfg.num_clients,
         backend_config={

@@ -61,7 +61,8 @@ class RunRecorder:
         self.title = title
         self.evaluations: list[dict[str, float]] = []
         self.round_times: list[dict[str, float]] = []
-        self.failed_rounds: list[int] = []
+        self.failed_rounds: list[int] = []  # rounds without a hypernetwork update
+        self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason
         self.start = time.perf_counter()
         self.earlier_wall_time_s = 0.0  # of the sessions before a resume
         self.environment = environment()
@@ -78,6 +79,8 @@ class RunRecorder:
                 "server_s": server_metrics.get("server-time-s", 0.0),
             })
         self._last_round_end = now
+        for rejected in server_metrics.get("rejected", []):
+            self.client_failures.append({"round": server_round, **rejected})
         if not client_metrics:
             self.failed_rounds.append(server_round)
         self.progress.update(1)
@@ -96,12 +99,14 @@ class RunRecorder:
     def state_dict(self) -> dict[str, Any]:
         """The history a resumed run continues from."""
         return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
-                "rounds_completed": self.progress.n, "wall_time_s": self.wall_time_s()}
+                "client_failures": self.client_failures, "rounds_completed": self.progress.n,
+                "wall_time_s": self.wall_time_s()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the history of an interrupted run."""
         self.evaluations = list(state["evaluations"])
         self.failed_rounds = list(state["failed_rounds"])
+        self.client_failures = list(state["client_failures"])
         self.earlier_wall_time_s = state["wall_time_s"]
         self.progress.update(state["rounds_completed"])
 
@@ -124,6 +129,7 @@ class RunRecorder:
             "wall_time_s": self.wall_time_s(),
             "rounds_completed": self.progress.n,
             "failed_rounds": self.failed_rounds,
+            "client_failures": self.client_failures,
             "timing": self.timing(),
             "environment": self.environment,
             "evaluations": self.evaluations,

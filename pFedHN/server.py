@@ -48,13 +48,20 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
     )
 
 
-def make_server_app(strategy: PFedHNStrategy, num_rounds: int) -> ServerApp:
-    """A ServerApp running ``strategy`` up to round ``num_rounds`` (from its start round)."""
+def make_server_app(
+    strategy: PFedHNStrategy, num_rounds: int, round_timeout: float | None = None
+) -> ServerApp:
+    """A ServerApp running ``strategy`` up to round ``num_rounds`` (from its start round).
+
+    ``round_timeout``: seconds a round waits for its clients; a client that does
+    not answer in time counts as failed.
+    """
 
     def server_fn(context: Context) -> ServerAppComponents:
         return ServerAppComponents(
             server=PFedHNServer(client_manager=SimpleClientManager(), strategy=strategy),
-            config=ServerConfig(num_rounds=num_rounds - strategy.start_round),
+            config=ServerConfig(num_rounds=num_rounds - strategy.start_round,
+                                round_timeout=round_timeout),
         )
 
     return ServerApp(server_fn=server_fn)

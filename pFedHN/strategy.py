@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,16 @@ def pooled_metrics(results: Sequence[dict[str, Scalar]]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
+def _describe(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
+    """One short line: the last line of a client's traceback says what went wrong."""
+    if isinstance(failure, BaseException):
+        text = f"{type(failure).__name__}: {failure}"
+    else:
+        text = f"status {failure[1].status.code.name}: {failure[1].status.message}"
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
+    return [line for line in lines if line][-1][:300]
+
+
 class PFedHNStrategy(Strategy):
     """Each round: theta_i = h(v_i; phi) for a sampled client i, then a VJP step.
 
@@ -94,6 +105,7 @@ class PFedHNStrategy(Strategy):
         self.partition_of: dict[str, int] = {}  # node id (cid) -> partition id
         self.start_round = 0  # > 0 when resumed: Flower counts rounds from 1 again
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
+        self._sent: list[int] = []  # partitions asked to train this round
         self._evaluation_start = 0.0
 
     # --- the algorithm -------------------------------------------------------
@@ -114,8 +126,7 @@ class PFedHNStrategy(Strategy):
         for partition_id, delta_theta in zip(partition_ids, delta_thetas, strict=True):
             theta = self.hnet(partition_id)
             thetas += theta.values()
-            deltas += [torch.from_numpy(d).reshape(t.shape) for d, t in
-                       zip(delta_theta, theta.values(), strict=True)]
+            deltas += [torch.from_numpy(d) for d in delta_theta]
         params = list(self.hnet.parameters())
         grads = torch.autograd.grad(thetas, params, grad_outputs=deltas)
         for param, grad in zip(params, grads, strict=True):
@@ -176,6 +187,7 @@ class PFedHNStrategy(Strategy):
         server_round += self.start_round
         start = time.perf_counter()
         chosen = self.rng.choice(self.num_clients, self.clients_per_round, replace=False)
+        self._sent = [int(i) for i in chosen]
         instructions = [
             (self.node_of[int(i)],
              FitIns(ndarrays_to_parameters(self.generate(int(i))), {"server-round": server_round}))
@@ -190,19 +202,51 @@ class PFedHNStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Turn the clients' delta_theta into one hypernetwork step."""
+        """Turn the clients' delta_theta into one hypernetwork step.
+
+        A client that failed, timed out or sent a delta_theta of the wrong
+        shape or with non-finite values is left out; the hypernetwork is only
+        stepped on the deltas that passed.
+        """
         server_round += self.start_round
-        for failure in failures:
-            log.warning("round %d: a client failed: %r", server_round, failure)
         start = time.perf_counter()
-        if results:
-            partition_ids = [self.partition_of[proxy.cid] for proxy, _ in results]
-            self.update(partition_ids, [parameters_to_ndarrays(r.parameters) for _, r in results])
+        accepted: dict[int, list[np.ndarray]] = {}
+        rejected: list[dict[str, Any]] = []
+        for proxy, res in results:
+            partition_id = self.partition_of[proxy.cid]
+            delta_theta = parameters_to_ndarrays(res.parameters)
+            problem = self.check_delta(delta_theta)
+            if problem is None:
+                accepted[partition_id] = delta_theta
+            else:
+                rejected.append({"partition_id": partition_id, "reason": problem})
+        answered = set(accepted) | {r["partition_id"] for r in rejected}
+        reasons = "; ".join(_describe(f) for f in failures) or "no reply"
+        rejected += [{"partition_id": i, "reason": reasons}
+                     for i in self._sent if i not in answered]
+        for r in rejected:
+            log.warning("round %d: client %d left out: %s",
+                        server_round, r["partition_id"], r["reason"])
+        if accepted:
+            self.update(list(accepted), list(accepted.values()))
         server_time = self._server_time + time.perf_counter() - start
         if self.on_fit is not None:
-            self.on_fit(server_round, [r.metrics for _, r in results],
-                        {"server-time-s": server_time, "failures": len(failures)})
+            self.on_fit(server_round,
+                        [r.metrics for p, r in results if self.partition_of[p.cid] in accepted],
+                        {"server-time-s": server_time, "rejected": rejected})
         return NO_PARAMETERS, {}
+
+    def check_delta(self, delta_theta: list[np.ndarray]) -> str | None:
+        """Why a client's delta_theta cannot be used, or None when it can."""
+        shapes = list(self.hnet.target_shapes.values())
+        if len(delta_theta) != len(shapes):
+            return f"{len(delta_theta)} tensors, expected {len(shapes)}"
+        for name, delta, shape in zip(self.hnet.target_shapes, delta_theta, shapes, strict=True):
+            if tuple(delta.shape) != tuple(shape):
+                return f"{name} has shape {tuple(delta.shape)}, expected {tuple(shape)}"
+            if not np.isfinite(delta).all():
+                return f"{name} has non-finite values"
+        return None
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -65,7 +65,8 @@ def saved_run(tmp_path):
     cfg = compose_config(SMALL)
     strategy = build_strategy(cfg)
     checkpoint.save(tmp_path, cfg, 10, strategy=strategy.state_dict(10),
-                    recorder={"evaluations": [], "failed_rounds": [], "rounds_completed": 10,
+                    recorder={"evaluations": [], "failed_rounds": [], "client_failures": [],
+                              "rounds_completed": 10,
                               "wall_time_s": 1.0})
     return tmp_path, cfg
 

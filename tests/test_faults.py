@@ -1,0 +1,104 @@
+"""Faults injected into a real Flower simulation never touch the hypernetwork."""
+
+import json
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
+from ray import cloudpickle
+
+from pFedHN.client import client_builder
+from pFedHN.main import prepare
+from pFedHN.results import RunRecorder
+from pFedHN.server import build_strategy, make_server_app
+from tests.conftest import TINY_OVERRIDES, compose_config
+
+pytestmark = pytest.mark.simulation
+# Ray ships the ClientApp to its workers; send this module's code along by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+FAULTS = {2: "raise", 3: "nan", 4: "shape", 5: "slow", 6: "missing"}
+TIMEOUT_S, SLOW_S = 3.0, 6.0
+
+
+class FaultyClient(NumPyClient):
+    """The real client, with one fault injected per round of FAULTS."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_properties(self, config):
+        return self.inner.get_properties(config)
+
+    def evaluate(self, parameters, config):
+        return self.inner.evaluate(parameters, config)
+
+    def fit(self, parameters, config):
+        fault = FAULTS.get(int(config["server-round"]))
+        if fault == "raise":
+            raise RuntimeError("injected failure")
+        if fault == "slow":
+            time.sleep(SLOW_S)
+        delta_theta, n, metrics = self.inner.fit(parameters, config)
+        if fault == "nan":
+            delta_theta[0][0] = np.nan
+        elif fault == "shape":
+            delta_theta[2] = delta_theta[2][:1]
+        elif fault == "missing":
+            delta_theta = delta_theta[:-1]
+        return delta_theta, n, metrics
+
+
+def fingerprint(module):
+    crc = 0
+    for tensor in module.state_dict().values():
+        crc = zlib.crc32(tensor.detach().numpy().tobytes(), crc)
+    return crc
+
+
+def test_failing_clients_are_logged_counted_and_never_update_the_hypernetwork(tmp_path):
+    cfg = prepare(compose_config(TINY_OVERRIDES + [
+        "num_clients=2", "num_rounds=8", "eval_every=8", "client.inner_steps=5",
+        "simulation.num_cpus_per_client=1",  # two workers: a slow one does not block
+    ]))
+    recorder = RunRecorder(tmp_path, cfg.num_rounds, "faults")
+    after_round = {}
+
+    def on_fit(server_round, client_metrics, server_metrics):
+        recorder.on_fit(server_round, client_metrics, server_metrics)
+        after_round[server_round] = fingerprint(strategy.hnet)
+
+    strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=recorder.on_evaluate)
+    before = fingerprint(strategy.hnet)
+    build_client = client_builder(cfg)
+    run_simulation(
+        server_app=make_server_app(strategy, cfg.num_rounds, round_timeout=TIMEOUT_S),
+        client_app=ClientApp(client_fn=lambda ctx: FaultyClient(build_client(ctx)).to_client()),
+        num_supernodes=cfg.num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    recorder.close()
+
+    assert sorted(after_round) == list(range(1, 9))  # the run went on to the end
+    previous = [before] + [after_round[r] for r in range(1, 8)]
+    for server_round in range(1, 9):
+        unchanged = after_round[server_round] == previous[server_round - 1]
+        assert unchanged == (server_round in FAULTS), server_round
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["failed_rounds"] == sorted(FAULTS)
+    reasons = {f["round"]: f["reason"] for f in results["client_failures"]}
+    assert sorted(reasons) == sorted(FAULTS)
+    assert all(f["partition_id"] in (0, 1) for f in results["client_failures"])
+    assert "injected failure" in reasons[2]
+    assert "non-finite" in reasons[3]
+    assert "shape" in reasons[4]
+    assert "expired" in reasons[5]  # timed out: Flower's message TTL ran out
+    assert "expected 10" in reasons[6]
+    assert all(len(reason) <= 300 and "\n" not in reason for reason in reasons.values())
+    assert [e["round"] for e in results["evaluations"]] == [0, 8]
