@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pFedHN.dataset import DATASETS, DatasetSpec, dataset_spec
+from pFedHN.dataset import DATASETS, DatasetSpec, client_indices, dataset_spec, load_labels
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC"}
 
@@ -80,6 +80,27 @@ def validate(cfg: DictConfig) -> None:
     if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1)):
         _fail("simulation.num_cpus_per_client", cpus,
               f"null or a number in (0, {os.cpu_count()}] (cores on this machine)")
+
+
+def check_split(cfg: DictConfig) -> None:
+    """Every client must get samples in train, val and test (reads labels only)."""
+    spec = data_spec(cfg)
+    train = load_labels(spec, cfg.dataset.root, train=True)
+    test = load_labels(spec, cfg.dataset.root, train=False)
+    if cfg.dataset.val_size >= len(train):
+        _fail("dataset.val_size", cfg.dataset.val_size,
+              f"must be less than the {len(train)} training samples of {cfg.dataset.root}")
+    split = client_indices(train, test, spec.num_classes, cfg.num_clients,
+                           cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed)
+    for name, per_client in split.items():
+        empty = [i for i, idx in enumerate(per_client) if len(idx) == 0]
+        if empty:
+            raise ConfigError(
+                f"num_clients={cfg.num_clients} with client.num_classes_per_node="
+                f"{cfg.client.num_classes_per_node}: {len(empty)} client(s) (e.g. {empty[0]}) "
+                f"would get no {name} samples from this data; use fewer clients"
+                + (" or a larger dataset.val_size" if name == "val" else "")
+            )
 
 
 def data_spec(cfg: DictConfig) -> DatasetSpec:

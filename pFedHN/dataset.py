@@ -222,6 +222,40 @@ class ClientData:
         return (images.float().div_(255.0) - self.mean) / self.std
 
 
+def client_indices(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    num_clients: int,
+    classes_per_client: int,
+    val_size: int,
+    seed: int,
+) -> dict[str, list[np.ndarray]]:
+    """The whole split from labels alone: per split, each client's sample indices.
+
+    "train" and "val" index the official training set (val: ``val_size`` random
+    samples of it), "test" the official test set.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train_labels))
+    pools = {"val": order[:val_size], "train": order[val_size:]}
+    assignment = assign_classes(num_clients, num_classes, classes_per_client, rng)
+    split = {}
+    for name in ("train", "val"):  # the authors' order: train, val, test
+        within = split_by_assignment(train_labels[pools[name]], assignment, num_classes, rng)
+        split[name] = [pools[name][i] for i in within]
+    split["test"] = split_by_assignment(test_labels, assignment, num_classes, rng)
+    return split
+
+
+def load_labels(spec: DatasetSpec, root: str | Path, train: bool) -> np.ndarray:
+    """A split's labels, without decoding an image folder's images."""
+    if spec.torchvision_class is None:
+        folder = Path(root) / ("train" if train else "test")
+        return np.asarray(datasets.ImageFolder(str(folder)).targets)
+    return np.asarray(spec.torchvision_class(str(root), train=train, download=False).targets)
+
+
 @functools.lru_cache(maxsize=1)
 def federated_data(
     spec: DatasetSpec,
@@ -232,35 +266,23 @@ def federated_data(
     seed: int,
 ) -> tuple[ClientData, ...]:
     """Every client's data, built once per process (cached) from one seed."""
-    rng = np.random.default_rng(seed)
     train_x, train_y = load_images(spec, root, train=True)
     test_x, test_y = load_images(spec, root, train=False)
-
-    order = rng.permutation(len(train_y))
-    val_idx, train_idx = order[:val_size], order[val_size:]
-    splits = {
-        "train": (train_x[train_idx], train_y[train_idx]),
-        "val": (train_x[val_idx], train_y[val_idx]),
-        "test": (test_x, test_y),
-    }
-    assignment = assign_classes(num_clients, spec.num_classes, classes_per_client, rng)
-    per_split = {
-        split: split_by_assignment(y.numpy(), assignment, spec.num_classes, rng)
-        for split, (_, y) in splits.items()
-    }
-
+    split = client_indices(train_y.numpy(), test_y.numpy(), spec.num_classes, num_clients,
+                           classes_per_client, val_size, seed)
     if spec.mean is None or spec.std is None:  # measured on the training images
         pixels = train_x.float().div_(255.0).transpose(0, 1).flatten(1)
         mean, std = pixels.mean(1), pixels.std(1)
     else:
         mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
     mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+    sources = {"train": (train_x, train_y), "val": (train_x, train_y), "test": (test_x, test_y)}
     clients = []
     for i in range(num_clients):
         parts = {}
-        for split, (x, y) in splits.items():
-            idx = torch.from_numpy(per_split[split][i])
-            parts[f"{split}_x"] = x[idx].contiguous()
-            parts[f"{split}_y"] = y[idx].contiguous()
+        for name, (x, y) in sources.items():
+            idx = torch.from_numpy(split[name][i])
+            parts[f"{name}_x"] = x[idx].contiguous()
+            parts[f"{name}_y"] = y[idx].contiguous()
         clients.append(ClientData(**parts, mean=mean, std=std))
     return tuple(clients)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import discard_heads_after, make_client_app
-from pFedHN.config import VARIANTS, ConfigError, validate
+from pFedHN.config import VARIANTS, ConfigError, check_split, validate
 from pFedHN.dataset import DataNotFoundError, ensure_available
 from pFedHN.results import RunRecorder
 from pFedHN.server import build_strategy, make_server_app
@@ -34,6 +34,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
         if cfg.simulation.num_cpus_per_client is None:
             cfg.simulation.num_cpus_per_client = os.cpu_count() or 1
     ensure_available(cfg.dataset.data, cfg.dataset.root, cfg.dataset.download)
+    check_split(cfg)
     return cfg
 
 

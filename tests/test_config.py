@@ -68,6 +68,15 @@ def test_bad_values_name_the_key(override, key):
         validate(cfg)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("num_clients=400", "would get no val samples"),
+    ("dataset.val_size=2500", "dataset.val_size=2500 is not valid"),
+])
+def test_more_clients_than_the_data_can_serve_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(compose_config(TINY_OVERRIDES + [override]))
+
+
 def test_missing_data_offline_fails_before_any_work(tmp_path):
     cfg = compose_config(TINY_OVERRIDES + [f"dataset.root={tmp_path}"])
     with pytest.raises(DataNotFoundError, match="MNIST/raw"):
