@@ -86,7 +86,7 @@ class PFedHNStrategy(Strategy):
         weight_decay: float = 1e-3,
         clip_norm: float = 50.0,
         seed: int = 0,
-        on_fit: Callable[[int, list[dict[str, Scalar]], dict[str, float]], None] | None = None,
+        on_fit: Callable[[int, list[dict[str, Scalar]], dict[str, Any]], None] | None = None,
         on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
         super().__init__()
@@ -117,7 +117,7 @@ class PFedHNStrategy(Strategy):
     def update(
         self, partition_ids: Sequence[int], delta_thetas: Sequence[list[np.ndarray]]
     ) -> None:
-        """Phi <- phi - lr * clip(mean_i (d theta_i / d phi)^T delta_theta_i).
+        """Step phi along clip(mean_i (d theta_i / d phi)^T delta_theta_i) with outer SGD.
 
         One vector-Jacobian product over all clients of the round; with the
         authors' one client per round it is exactly their update.
