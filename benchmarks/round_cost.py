@@ -11,8 +11,8 @@ e.g. on the CIFAR-10 JPEG copy extracted to /tmp/cifar10-jpeg:
 Both parts run the same code (the strategy's ``generate``/``update`` and the
 client's ``fit``); the plain part calls them directly, the Flower part runs
 ``pFedHN.main.run`` on Flower's simulation engine. Prints medians, their ratio,
-the median evaluation round, peak resident memory of the whole process tree
-(driver, Ray and its workers) and the full-protocol estimate.
+the median evaluation round, peak memory of the whole process tree (driver, Ray
+and its workers; proportional set size) and the full-protocol estimate.
 """
 
 from __future__ import annotations
@@ -42,8 +42,13 @@ from pFedHN.server import build_strategy
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def tree_rss_bytes(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc)."""
+def tree_memory_bytes(root_pid: int) -> int:
+    """Memory of a process and all its descendants (Linux /proc).
+
+    Proportional set size: pages shared between processes (torch's libraries in
+    the driver and every Ray worker, say) are split between them, so the sum is
+    what the whole run occupies, not a multiple count.
+    """
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -51,13 +56,13 @@ def tree_rss_bytes(root_pid: int) -> int:
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            status = Path(f"/proc/{entry}/status").read_text()
+            rollup = Path(f"/proc/{entry}/smaps_rollup").read_text()
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry))
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
                 rss[int(entry)] = int(line.split()[1]) * 1024
     total, stack = 0, [root_pid]
     while stack:
@@ -68,7 +73,7 @@ def tree_rss_bytes(root_pid: int) -> int:
 
 
 class PeakMemory(threading.Thread):
-    """Samples the process tree's resident memory every 0.2 s."""
+    """Samples the process tree's memory every 0.2 s."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -77,7 +82,7 @@ class PeakMemory(threading.Thread):
 
     def run(self) -> None:  # noqa: D102
         while not self.stopped.wait(0.2):
-            self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
+            self.peak = max(self.peak, tree_memory_bytes(os.getpid()))
 
 
 def plain_rounds(cfg, rounds: int) -> dict[str, list[float]]:
@@ -150,7 +155,7 @@ def main() -> None:
           f"rest {rest:.3f} s)")
     print(f"ratio Flower / plain:         {flower['median_round_s'] / plain_round:.2f}")
     print(f"evaluation round ({cfg.num_clients} clients), median: {eval_median:.2f} s")
-    print(f"peak resident memory of the Flower run (process tree): {memory.peak / 2**30:.2f} GiB")
+    print(f"peak memory of the Flower run (process tree, PSS): {memory.peak / 2**30:.2f} GiB")
     print(f"full protocol estimate (5000 rounds, {n_evals} evaluations): "
           f"{(5000 * flower['median_round_s'] + n_evals * eval_median) / 60:.1f} min")
 
