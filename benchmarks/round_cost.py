@@ -127,7 +127,9 @@ def main() -> None:
         cfg.eval_every = max(args.rounds // 3, 1)
     cfg = prepare(cfg)
 
-    plain = plain_rounds(cfg, args.rounds)
+    # Plain rounds before and after the Flower run, so that a drift in the
+    # machine's speed shows up instead of biasing the ratio.
+    before = plain_rounds(cfg, args.rounds // 2)
     federated_data.cache_clear()  # measure the Flower run's memory alone
     memory = PeakMemory()
     memory.start()
@@ -136,9 +138,11 @@ def main() -> None:
         results = json.loads((Path(run_dir) / "results.json").read_text())
     memory.stopped.set()
     memory.join()
+    after = plain_rounds(cfg, args.rounds // 2)
 
-    skip = min(5, args.rounds // 5)  # warm-up rounds
-    plain_round = statistics.median(plain["round"][skip:])
+    skip = min(5, args.rounds // 10)  # warm-up rounds
+    plain = {k: before[k][skip:] + after[k][skip:] for k in before}
+    plain_round = statistics.median(plain["round"])
     flower = results["timing"]
     rest = flower["median_round_s"] - flower["median_client_s"] - flower["median_server_s"]
     evaluations = [e["evaluation_time_s"] for e in results["evaluations"][1:]]
@@ -148,8 +152,10 @@ def main() -> None:
           f"{args.rounds} rounds, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cores")
     print(f"plain PyTorch round, median:  {plain_round:.3f} s "
-          f"(client {statistics.median(plain['client'][skip:]):.3f} s, "
-          f"server {statistics.median(plain['server'][skip:]):.3f} s)")
+          f"(client {statistics.median(plain['client']):.3f} s, "
+          f"server {statistics.median(plain['server']):.3f} s; "
+          f"before/after Flower {statistics.median(before['round'][skip:]):.3f}"
+          f"/{statistics.median(after['round'][skip:]):.3f} s)")
     print(f"Flower round, median:         {flower['median_round_s']:.3f} s "
           f"(client {flower['median_client_s']:.3f} s, server {flower['median_server_s']:.3f} s, "
           f"rest {rest:.3f} s)")

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import datasets
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2.functional import resize
 
 
 @dataclass(frozen=True)
@@ -132,14 +131,15 @@ def load_images(
 
 def _load_folder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image of an ImageFolder once, to RGB at image_size x image_size."""
-    listing = datasets.ImageFolder(str(folder))  # torchvision's layout and file filter
-    images = torch.empty(len(listing.samples), 3, image_size, image_size, dtype=torch.uint8)
+    listing = datasets.ImageFolder(str(folder))  # torchvision's layout, file filter, loader
+    images = np.empty((len(listing.samples), image_size, image_size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(listing.samples):
-        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        if image.shape[1:] != (image_size, image_size):
-            image = resize(image, [image_size, image_size], antialias=True)
-        images[i] = image
-    return images, torch.tensor(listing.targets, dtype=torch.long)
+        image = listing.loader(path)  # PIL, converted to RGB
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        images[i] = np.asarray(image)
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(listing.targets, dtype=torch.long))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from torchvision.io import write_png
+from PIL import Image
 
 from pFedHN.dataset import (
     DATASETS,
@@ -105,8 +105,8 @@ def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=(12, 4), s
         for label, name in enumerate(classes):
             (root / split / name).mkdir(parents=True)
             for k in range(count):
-                image = torch.full((3, size, size), 40 * label + k, dtype=torch.uint8)
-                write_png(image, str(root / split / name / f"{k}.png"))
+                pixels = np.full((size, size, 3), 40 * label + k, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{k}.png")
 
 
 def test_image_folder_is_read_split_and_resized(tmp_path):
