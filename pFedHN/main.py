@@ -39,9 +39,12 @@ def prepare(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run (or resume) one experiment on Flower's simulation engine; return results.json."""
+    """Run one experiment on Flower's simulation engine; return results.json.
+
+    With ``cfg.resume`` set, continue that run directory instead of ``run_dir``.
+    """
     cfg = prepare(cfg)
-    run_dir = Path(run_dir)
+    run_dir = Path(cfg.resume or run_dir)
     resumed = checkpoint.load(run_dir, cfg) if cfg.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -87,7 +90,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 def main(cfg: DictConfig) -> None:
     """Run the config Hydra composed, in Hydra's run directory."""
     try:
-        run(cfg, cfg.resume or HydraConfig.get().runtime.output_dir)
+        run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, DataNotFoundError, CheckpointError) as error:
         # A one-line message, not a traceback: the user's input is at fault.
         log.error("%s", error)
