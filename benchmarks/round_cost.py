@@ -96,8 +96,7 @@ def plain_rounds(cfg, rounds: int) -> dict[str, list[float]]:
     strategy = build_strategy(cfg)
     clients = federated_data(data_spec(cfg), cfg.dataset.root, cfg.num_clients,
                              cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed)
-    loop = InnerLoop(cfg.client.inner_steps, cfg.client.batch_size, cfg.client.inner_lr,
-                     cfg.client.inner_momentum, cfg.client.inner_wd, cfg.client.clip_norm)
+    loop = InnerLoop.from_config(cfg)
     states = [RecordDict() for _ in clients]
     rng = np.random.default_rng(cfg.seed)
     times: dict[str, list[float]] = {"round": [], "client": [], "server": []}

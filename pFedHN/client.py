@@ -34,6 +34,15 @@ class InnerLoop:
     weight_decay: float = 5e-5
     clip_norm: float = 50.0
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> InnerLoop:
+        """The ``client.*`` settings of a run config."""
+        return cls(
+            steps=cfg.client.inner_steps, batch_size=cfg.client.batch_size,
+            lr=cfg.client.inner_lr, momentum=cfg.client.inner_momentum,
+            weight_decay=cfg.client.inner_wd, clip_norm=cfg.client.clip_norm,
+        )
+
 
 def derive_seed(*keys: int) -> int:
     """A seed from non-negative keys, the same in every process.
@@ -282,16 +291,12 @@ def client_builder(
     and splits the data once and keeps it (``federated_data`` is cached).
     """
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    loop = InnerLoop(
-        steps=cfg.client.inner_steps, batch_size=cfg.client.batch_size,
-        lr=cfg.client.inner_lr, momentum=cfg.client.inner_momentum,
-        weight_decay=cfg.client.inner_wd, clip_norm=cfg.client.clip_norm,
-    )
+    loop = InnerLoop.from_config(cfg)
     threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
 
     def build_client(context: Context) -> PFedHNClient:
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(max(1, int(threads)))
         partition_id = int(context.node_config["partition-id"])
         clients = federated_data(
             data_spec(cfg), cfg.dataset.root, cfg.num_clients,
