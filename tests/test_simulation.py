@@ -51,19 +51,20 @@ def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "pFedHN.main", *TINY_OVERRIDES, "num_clients=5",
-         "num_rounds=150", "eval_every=50", f"hydra.run.dir={run_dir}"],
+         "num_rounds=60", "eval_every=20", f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    assert [e["round"] for e in results["evaluations"]] == [0, 50, 100, 150]
+    assert [e["round"] for e in results["evaluations"]] == [0, 20, 40, 60]
     first, last = results["evaluations"][0], results["evaluations"][-1]
     assert first["test_acc"] < 0.2  # untrained: about chance (10 classes)
-    assert results["final_test_acc"] == last["test_acc"] > 0.35
+    # Measured here: 0.976 after 60 rounds (5 clients, 2 classes each).
+    assert results["final_test_acc"] == last["test_acc"] > 0.9
     best = max(results["evaluations"], key=lambda e: e["val_acc"])
     assert results["test_acc_at_best_val"] == best["test_acc"]
     assert results["best_round"] == best["round"]
-    assert results["rounds_completed"] == 150 and results["wall_time_s"] > 0
+    assert results["rounds_completed"] == 60 and results["wall_time_s"] > 0
     assert last["clients_evaluated"] == 5
     assert 0 <= last["test_acc_min"] <= last["test_acc"] <= last["test_acc_max"] <= 1
     for name in ("accuracy.png", "config.yaml", "main.log"):
