@@ -10,7 +10,7 @@ from flwr.simulation import run_simulation
 
 from pFedHN.client import make_client_app
 from pFedHN.main import prepare
-from pFedHN.server import make_server_app
+from pFedHN.server import build_strategy, make_server_app
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 
 pytestmark = pytest.mark.simulation
@@ -28,9 +28,9 @@ def test_pfedhn_pc_head_after_round_r_is_the_one_trained_in_round_r_minus_1():
         for m in client_metrics:
             fits[m["partition-id"]].append(m)
 
+    strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=lambda r, m: evaluations.append(r))
     run_simulation(
-        server_app=make_server_app(cfg, on_fit=on_fit,
-                                   on_evaluate=lambda r, m: evaluations.append(r)),
+        server_app=make_server_app(strategy, cfg.num_rounds),
         client_app=make_client_app(cfg),
         num_supernodes=cfg.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
