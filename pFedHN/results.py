@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -16,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -89,6 +92,9 @@ class RunRecorder:
         """An evaluation of every client finished: record, save, plot."""
         record = {"round": server_round, **metrics, "wall_time_s": self.wall_time_s()}
         self.evaluations.append(record)
+        log.info("round %d: val_acc=%.4f test_acc=%.4f (clients %.4f-%.4f) val_loss=%.4f",
+                 server_round, metrics["val_acc"], metrics["test_acc"],
+                 metrics["test_acc_min"], metrics["test_acc_max"], metrics["val_loss"])
         self.progress.set_postfix(val_acc=f"{metrics['val_acc']:.4f}",
                                   test_acc=f"{metrics['test_acc']:.4f}")
         self.save()
