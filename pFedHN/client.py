@@ -293,13 +293,15 @@ def client_builder(
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     loop = InnerLoop.from_config(cfg)
     threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
+    # Once here, not per round: for an image folder both read the class folders.
+    spec, model_kwargs = data_spec(cfg), target_kwargs(cfg)
 
     def build_client(context: Context) -> PFedHNClient:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         partition_id = int(context.node_config["partition-id"])
         clients = federated_data(
-            data_spec(cfg), cfg.dataset.root, cfg.num_clients,
+            spec, cfg.dataset.root, cfg.num_clients,
             cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed,
         )
         heads = HeadStore(
@@ -308,7 +310,7 @@ def client_builder(
             cfg.checkpoint_every,
         )
         return PFedHNClient(
-            partition_id, clients[partition_id], CNNTarget(**target_kwargs(cfg)),
+            partition_id, clients[partition_id], CNNTarget(**model_kwargs),
             loop, cfg.seed, cfg.model.out_dim, heads,
         )
 
