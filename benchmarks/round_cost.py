@@ -1,6 +1,6 @@
 """What a pFedHN round costs: plain PyTorch in one process vs the real Flower simulation.
 
-    python benchmarks/round_cost.py [--rounds N] [Hydra overrides ...]
+    python benchmarks/round_cost.py [--rounds N] [--plain-only] [Hydra overrides ...]
 
 e.g. on the CIFAR-10 JPEG copy extracted to /tmp/cifar10-jpeg:
 
@@ -9,10 +9,15 @@ e.g. on the CIFAR-10 JPEG copy extracted to /tmp/cifar10-jpeg:
         dataset.std=[0.2023,0.1994,0.2010]
 
 Both parts run the same code (the strategy's ``generate``/``update`` and the
-client's ``fit``); the plain part calls them directly, the Flower part runs
-``pFedHN.main.run`` on Flower's simulation engine. Prints medians, their ratio,
-the median evaluation round, peak memory of the whole process tree (driver, Ray
-and its workers; proportional set size) and the full-protocol estimate.
+client's ``fit``/``evaluate``); the plain part calls them directly, the Flower
+part runs ``pFedHN.main.run`` on Flower's simulation engine. Prints medians,
+their ratio, the median evaluation round, peak memory of the whole process tree
+(driver, Ray and its workers; proportional set size) and the full-protocol
+estimates.
+
+GPU mode: add ``device=cuda`` (``device=auto`` picks it where there is one).
+``--plain-only`` skips the Flower part, for machines without Flower's
+simulation extra (Ray).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from omegaconf import open_dict
 from pFedHN.client import HeadStore, InnerLoop, PFedHNClient
 from pFedHN.config import data_spec, target_kwargs
 from pFedHN.dataset import federated_data
+from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
 from pFedHN.models import CNNTarget
 from pFedHN.server import build_strategy
@@ -89,38 +95,63 @@ class PeakMemory(threading.Thread):
             self.peak = max(self.peak, tree_memory_bytes(os.getpid()))
 
 
-def plain_rounds(cfg, rounds: int) -> dict[str, list[float]]:
-    """The same step without Flower: generate, client fit, VJP update."""
+def clock(device: torch.device) -> float:
+    """Wall time once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def plain_rounds(cfg, rounds: int) -> tuple[dict[str, list[float]], torch.Tensor]:
+    """The same step without Flower: generate, client fit, VJP update.
+
+    Also times two plain evaluation rounds (every client) at the end. Returns the
+    times and the final hypernetwork weights: two calls do the same computation,
+    so comparing their weights shows whether a run repeats bit for bit.
+    """
     threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
-    torch.set_num_threads(int(threads))
+    configure_torch(cfg.deterministic, threads)
+    device = torch.device(cfg.device)
     strategy = build_strategy(cfg)
     clients = federated_data(data_spec(cfg), cfg.dataset.root, cfg.num_clients,
-                             cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed)
+                             cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed,
+                             cfg.device)
     loop = InnerLoop.from_config(cfg)
     states = [RecordDict() for _ in clients]
+
+    def client(i: int) -> PFedHNClient:
+        return PFedHNClient(i, clients[i], CNNTarget(**target_kwargs(cfg)), loop, cfg.seed,
+                            cfg.model.out_dim, HeadStore(states[i]), device)
+
     rng = np.random.default_rng(cfg.seed)
-    times: dict[str, list[float]] = {"round": [], "client": [], "server": []}
+    times: dict[str, list[float]] = {"round": [], "client": [], "server": [], "evaluation": []}
     for server_round in range(1, rounds + 1):
         i = int(rng.integers(cfg.num_clients))
-        t0 = time.perf_counter()
+        t0 = clock(device)
         theta = strategy.generate(i)
-        t1 = time.perf_counter()
-        client = PFedHNClient(i, clients[i], CNNTarget(**target_kwargs(cfg)), loop, cfg.seed,
-                              cfg.model.out_dim, HeadStore(states[i]))
-        delta_theta, _, _ = client.fit(theta, {"server-round": server_round})
-        t2 = time.perf_counter()
+        t1 = clock(device)
+        delta_theta, _, _ = client(i).fit(theta, {"server-round": server_round})
+        t2 = clock(device)
         strategy.update([i], [delta_theta])
-        t3 = time.perf_counter()
+        t3 = clock(device)
         times["round"].append(t3 - t0)
         times["client"].append(t2 - t1)
         times["server"].append((t1 - t0) + (t3 - t2))
-    return times
+    for _ in range(2):  # the first evaluation warms up (e.g. cuDNN's kernel choice)
+        t0 = clock(device)
+        for i in range(cfg.num_clients):
+            client(i).evaluate(strategy.generate(i), {})
+        times["evaluation"].append(clock(device) - t0)
+    weights = torch.cat([p.detach().flatten() for p in strategy.hnet.parameters()]).cpu()
+    return times, weights
 
 
 def main() -> None:
     """Run both parts and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--plain-only", action="store_true",
+                        help="skip the Flower part (no Ray on this machine)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -129,36 +160,56 @@ def main() -> None:
         cfg.num_rounds = args.rounds
         cfg.eval_every = max(args.rounds // 3, 1)
     cfg = prepare(cfg)
+    device = torch.device(cfg.device)
+    n_evals = len(range(0, 5000, 30)) + 1
+    skip = min(5, args.rounds // 10)  # warm-up rounds
+
+    def minutes(round_s: float, evaluation_s: float) -> str:
+        return f"{(5000 * round_s + n_evals * evaluation_s) / 60:.1f} min"
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" \
+        else f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    print(f"setting: {cfg.dataset.data} ({cfg.dataset.root}), {cfg.num_clients} clients, "
+          f"{args.rounds} rounds, device {cfg.device} ({hardware}), torch {torch.__version__}")
 
     # Plain rounds before and after the Flower run, so that a drift in the
     # machine's speed shows up instead of biasing the ratio.
-    before = plain_rounds(cfg, args.rounds // 2)
-    federated_data.cache_clear()  # measure the Flower run's memory alone
-    memory = PeakMemory()
-    memory.start()
-    with tempfile.TemporaryDirectory() as run_dir:
-        results = run(cfg, run_dir)
-        results = json.loads((Path(run_dir) / "results.json").read_text())
-    memory.stopped.set()
-    memory.join()
-    after = plain_rounds(cfg, args.rounds // 2)
+    before, weights_before = plain_rounds(cfg, args.rounds // 2)
+    results, memory = None, PeakMemory()
+    if not args.plain_only:
+        federated_data.cache_clear()  # measure the Flower run's memory alone
+        memory.start()
+        with tempfile.TemporaryDirectory() as run_dir:
+            run(cfg, run_dir)
+            results = json.loads((Path(run_dir) / "results.json").read_text())
+        memory.stopped.set()
+        memory.join()
+    after, weights_after = plain_rounds(cfg, args.rounds // 2)
 
-    skip = min(5, args.rounds // 10)  # warm-up rounds
-    plain = {k: before[k][skip:] + after[k][skip:] for k in before}
+    plain = {k: before[k][skip:] + after[k][skip:] for k in ("round", "client", "server")}
     plain_round = statistics.median(plain["round"])
+    plain_client = statistics.median(plain["client"])
+    plain_eval = statistics.median(before["evaluation"][1:] + after["evaluation"][1:])
+    print(f"plain PyTorch round, median:  {plain_round:.3f} s "
+          f"(client {plain_client:.3f} s = {1000 * plain_client / cfg.client.inner_steps:.1f} "
+          f"ms per inner step, server {statistics.median(plain['server']):.3f} s; "
+          f"before/after {statistics.median(before['round'][skip:]):.3f}"
+          f"/{statistics.median(after['round'][skip:]):.3f} s)")
+    print(f"plain evaluation round ({cfg.num_clients} clients): {plain_eval:.2f} s")
+    print(f"plain full protocol estimate (5000 rounds, {n_evals} evaluations): "
+          f"{minutes(plain_round, plain_eval)}")
+    print(f"plain runs before/after repeat bit for bit: "
+          f"{torch.equal(weights_before, weights_after)} (max |difference| of the "
+          f"hypernetwork's weights {(weights_before - weights_after).abs().max():.3g}, "
+          f"deterministic={cfg.deterministic})")
+    if device.type == "cuda":
+        print(f"peak GPU memory (plain part): {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
+              " MiB allocated by torch")
+    if results is None:
+        return
     flower = results["timing"]
     rest = flower["median_round_s"] - flower["median_client_s"] - flower["median_server_s"]
-    evaluations = [e["evaluation_time_s"] for e in results["evaluations"][1:]]
-    eval_median = statistics.median(evaluations)
-    n_evals = len(range(0, 5000, 30)) + 1
-    print(f"setting: {cfg.dataset.data} ({cfg.dataset.root}), {cfg.num_clients} clients, "
-          f"{args.rounds} rounds, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} cores")
-    print(f"plain PyTorch round, median:  {plain_round:.3f} s "
-          f"(client {statistics.median(plain['client']):.3f} s, "
-          f"server {statistics.median(plain['server']):.3f} s; "
-          f"before/after Flower {statistics.median(before['round'][skip:]):.3f}"
-          f"/{statistics.median(after['round'][skip:]):.3f} s)")
+    eval_median = statistics.median(e["evaluation_time_s"] for e in results["evaluations"][1:])
     print(f"Flower round, median:         {flower['median_round_s']:.3f} s "
           f"(client {flower['median_client_s']:.3f} s, server {flower['median_server_s']:.3f} s, "
           f"rest {rest:.3f} s)")
@@ -166,7 +217,7 @@ def main() -> None:
     print(f"evaluation round ({cfg.num_clients} clients), median: {eval_median:.2f} s")
     print(f"peak memory of the Flower run (process tree, PSS): {memory.peak / 2**30:.2f} GiB")
     print(f"full protocol estimate (5000 rounds, {n_evals} evaluations): "
-          f"{(5000 * flower['median_round_s'] + n_evals * eval_median) / 60:.1f} min")
+          f"{minutes(flower['median_round_s'], eval_median)}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import nn
 
 from pFedHN.config import data_spec, target_kwargs
 from pFedHN.dataset import ClientData, federated_data
+from pFedHN.device import configure_torch, resolve_device
 from pFedHN.models import CNNTarget, LocalLayer
 
 
@@ -70,11 +71,14 @@ def train_inner_loop(
         model.parameters(), lr=loop.lr, momentum=loop.momentum,
         weight_decay=loop.weight_decay,
     )
-    n = len(data.train_y)
-    loss_sum = correct = seen = 0.0
+    n, device = len(data.train_y), data.train_y.device
+    # Summed on the device: no host sync per step on a GPU.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     model.train()
     for _ in range(loop.steps):
-        idx = torch.randperm(n, generator=generator)[: loop.batch_size]
+        # Batches come from a CPU generator: the same samples on every device.
+        idx = torch.randperm(n, generator=generator)[: loop.batch_size].to(device)
         x, y = data.normalize(data.train_x[idx]), data.train_y[idx]
         logits = model(x) if head is None else head(model(x))
         loss = nn.functional.cross_entropy(logits, y)
@@ -86,10 +90,10 @@ def train_inner_loop(
         optimizer.step()
         if head_optimizer is not None:
             head_optimizer.step()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    seen = loop.steps * min(loop.batch_size, n)
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
 
 
 @torch.inference_mode()
@@ -112,7 +116,7 @@ def fingerprint(module: nn.Module) -> int:
     """CRC32 of a module's weights: shows in metrics whether state persisted."""
     crc = 0
     for tensor in module.state_dict().values():
-        crc = zlib.crc32(tensor.detach().contiguous().numpy().tobytes(), crc)
+        crc = zlib.crc32(tensor.detach().cpu().contiguous().numpy().tobytes(), crc)
     return crc
 
 
@@ -181,10 +185,12 @@ class PFedHNClient(NumPyClient):
         seed: int,
         out_dim: int,
         heads: HeadStore | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.partition_id = partition_id
-        self.data = data
-        self.model = model
+        self.device = torch.device(device)
+        self.data = data.to(self.device)
+        self.model = model.to(self.device)
         self.loop = loop
         self.seed = seed
         self.out_dim = out_dim
@@ -200,7 +206,8 @@ class PFedHNClient(NumPyClient):
     def _load_theta(self, parameters: list[np.ndarray]) -> OrderedDict[str, torch.Tensor]:
         names = [name for name, _ in self.model.named_parameters()]
         theta = OrderedDict(
-            (name, torch.from_numpy(array)) for name, array in zip(names, parameters, strict=True)
+            (name, torch.from_numpy(array).to(self.device))
+            for name, array in zip(names, parameters, strict=True)
         )
         self.model.load_state_dict(theta)
         return theta
@@ -209,7 +216,7 @@ class PFedHNClient(NumPyClient):
         """The private head and its optimizer, as this client last left them."""
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(self.seed, self.partition_id, 0, 1))
-            head = LocalLayer(84, self.out_dim)
+            head = LocalLayer(84, self.out_dim).to(self.device)
         optimizer = torch.optim.SGD(
             head.parameters(), lr=self.loop.lr, momentum=self.loop.momentum,
             weight_decay=self.loop.weight_decay,
@@ -219,18 +226,19 @@ class PFedHNClient(NumPyClient):
             head.load_state_dict(saved[0])
             for name, param in head.named_parameters():
                 if name in saved[1]:
-                    optimizer.state[param]["momentum_buffer"] = saved[1][name]
+                    optimizer.state[param]["momentum_buffer"] = saved[1][name].to(self.device)
         return head, optimizer
 
     def _store_head(
         self, head: LocalLayer, optimizer: torch.optim.SGD, server_round: int
     ) -> None:
         momentum = {
-            name: optimizer.state[param]["momentum_buffer"]
+            name: optimizer.state[param]["momentum_buffer"].cpu()
             for name, param in head.named_parameters()
             if optimizer.state[param].get("momentum_buffer") is not None
         }
-        self.heads.save(head.state_dict(), momentum, server_round)
+        weights = {name: tensor.cpu() for name, tensor in head.state_dict().items()}
+        self.heads.save(weights, momentum, server_round)
 
     def fit(
         self, parameters: list[np.ndarray], config: dict
@@ -252,7 +260,7 @@ class PFedHNClient(NumPyClient):
             self._store_head(head, optimizer, server_round)
             metrics["head-fingerprint-out"] = fingerprint(head)
         delta_theta = [
-            (theta[name] - param.detach()).contiguous().numpy()
+            (theta[name] - param.detach()).cpu().contiguous().numpy()
             for name, param in self.model.named_parameters()
         ]
         metrics["client-time-s"] = time.perf_counter() - start
@@ -293,16 +301,17 @@ def client_builder(
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     loop = InnerLoop.from_config(cfg)
     threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
+    deterministic = bool(cfg.get("deterministic", False))
     # Once here, not per round: for an image folder both read the class folders.
     spec, model_kwargs = data_spec(cfg), target_kwargs(cfg)
 
     def build_client(context: Context) -> PFedHNClient:
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
+        configure_torch(deterministic, threads)
+        device = resolve_device(cfg.get("device", "auto"))  # in the process that trains
         partition_id = int(context.node_config["partition-id"])
         clients = federated_data(
             spec, cfg.dataset.root, cfg.num_clients,
-            cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed,
+            cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed, str(device),
         )
         heads = HeadStore(
             context.state,
@@ -311,7 +320,7 @@ def client_builder(
         )
         return PFedHNClient(
             partition_id, clients[partition_id], CNNTarget(**model_kwargs),
-            loop, cfg.seed, cfg.model.out_dim, heads,
+            loop, cfg.seed, cfg.model.out_dim, heads, device,
         )
 
     return build_client

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pFedHN.dataset import DATASETS, DatasetSpec, client_indices, dataset_spec, load_labels
+from pFedHN.device import resolve_device
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC"}
 
@@ -76,10 +78,53 @@ def validate(cfg: DictConfig) -> None:
         _fail("eval_every", cfg.eval_every, f"at most num_rounds={cfg.num_rounds}")
     if cfg.server.round_timeout is not None:
         _positive(cfg, "server.round_timeout")
+    _validate_hardware(cfg)
+
+
+def _validate_hardware(cfg: DictConfig) -> None:
+    """The device, determinism and the Ray resources each client asks for."""
+    try:
+        device = resolve_device(str(cfg.device))
+    except ValueError as error:
+        _fail("device", cfg.device, str(error))
+    if not isinstance(cfg.deterministic, bool):
+        _fail("deterministic", cfg.deterministic, "true or false")
+    address = cfg.simulation.ray_address
+    if address is not None and (not isinstance(address, str) or not address.strip()):
+        _fail("simulation.ray_address", address, "null, auto, or <host>:<port> of a Ray head")
     cpus = cfg.simulation.num_cpus_per_client
-    if cpus is not None and not (0 < cpus <= (os.cpu_count() or 1)):
-        _fail("simulation.num_cpus_per_client", cpus,
-              f"null or a number in (0, {os.cpu_count()}] (cores on this machine)")
+    if cpus is not None:
+        _positive(cfg, "simulation.num_cpus_per_client")
+        if address is None and cpus > (os.cpu_count() or 1):
+            _fail("simulation.num_cpus_per_client", cpus,
+                  f"null or at most the {os.cpu_count()} cores of this machine")
+    key, gpus = "simulation.num_gpus_per_client", cfg.simulation.num_gpus_per_client
+    if gpus is None:
+        return
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0 \
+            or (gpus > 1 and gpus % 1):
+        _fail(key, gpus, "null, 0, a fraction of one GPU in (0, 1], or a whole number of GPUs")
+    if gpus > 0 and device.type != "cuda":
+        _fail(key, gpus, f"device={cfg.device} runs on the CPU here "
+              "(torch sees no CUDA device); use 0 or null")
+    if gpus == 0 and device.type == "cuda":
+        _fail(key, gpus, "on CUDA every client needs a share of a GPU (Ray hides the GPUs "
+              "from clients that ask for none); use null, a fraction such as 0.25, "
+              "or device=cpu")
+    if address is None and gpus > torch.cuda.device_count():
+        _fail(key, gpus, f"this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def client_resources(cfg: DictConfig) -> dict[str, float]:
+    """Ray resources of one ClientApp: the config's, else the defaults for the device."""
+    on_gpu = resolve_device(str(cfg.device)).type == "cuda"
+    cpus = cfg.simulation.num_cpus_per_client
+    if cpus is None:  # CPU: one client at a time on every core; GPU: the GPU does the work
+        cpus = 1 if on_gpu or cfg.simulation.ray_address else os.cpu_count() or 1
+    gpus = cfg.simulation.num_gpus_per_client
+    if gpus is None:  # a quarter: four clients share a GPU in evaluation rounds
+        gpus = 0.25 if on_gpu else 0.0
+    return {"num_cpus": cpus, "num_gpus": float(gpus)}
 
 
 def check_split(cfg: DictConfig) -> None:

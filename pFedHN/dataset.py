@@ -7,7 +7,7 @@ a time: the inner loop never touches PIL images or per-sample transforms.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +221,10 @@ class ClientData:
         """ToTensor + Normalize, on a whole batch at once."""
         return (images.float().div_(255.0) - self.mean) / self.std
 
+    def to(self, device: str | torch.device) -> ClientData:
+        """The same data on ``device`` (itself when it is there already)."""
+        return ClientData(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 def client_indices(
     train_labels: np.ndarray,
@@ -264,8 +268,9 @@ def federated_data(
     classes_per_client: int,
     val_size: int,
     seed: int,
+    device: str = "cpu",
 ) -> tuple[ClientData, ...]:
-    """Every client's data, built once per process (cached) from one seed."""
+    """Every client's data, built once per process (cached) from one seed, on ``device``."""
     train_x, train_y = load_images(spec, root, train=True)
     test_x, test_y = load_images(spec, root, train=False)
     split = client_indices(train_y.numpy(), test_y.numpy(), spec.num_classes, num_clients,
@@ -284,5 +289,5 @@ def federated_data(
             idx = torch.from_numpy(split[name][i])
             parts[f"{name}_x"] = x[idx].contiguous()
             parts[f"{name}_y"] = y[idx].contiguous()
-        clients.append(ClientData(**parts, mean=mean, std=std))
+        clients.append(ClientData(**parts, mean=mean, std=std).to(device))
     return tuple(clients)

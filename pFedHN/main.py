@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -14,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import discard_heads_after, make_client_app
-from pFedHN.config import VARIANTS, ConfigError, check_split, validate
+from pFedHN.config import VARIANTS, ConfigError, check_split, client_resources, validate
 from pFedHN.dataset import DataNotFoundError, ensure_available
+from pFedHN.device import configure_torch, resolve_device
 from pFedHN.results import RunRecorder
 from pFedHN.server import build_strategy, make_server_app
 
@@ -31,8 +31,11 @@ def prepare(cfg: DictConfig) -> DictConfig:
         cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().resolve())
         if cfg.resume:
             cfg.resume = str(Path(cfg.resume).expanduser().resolve())
-        if cfg.simulation.num_cpus_per_client is None:
-            cfg.simulation.num_cpus_per_client = os.cpu_count() or 1
+        # Decided once, here: the server and every client use the same device.
+        cfg.device = str(resolve_device(cfg.device))
+        resources = client_resources(cfg)
+        cfg.simulation.num_cpus_per_client = resources["num_cpus"]
+        cfg.simulation.num_gpus_per_client = resources["num_gpus"]
     ensure_available(cfg.dataset.data, cfg.dataset.root, cfg.dataset.download)
     check_split(cfg)
     return cfg
@@ -60,6 +63,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                             strategy=strategy.state_dict(server_round),
                             recorder=recorder.state_dict())
 
+    configure_torch(cfg.deterministic)  # the server's process; clients do their own
     strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=recorder.on_evaluate)
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
@@ -75,8 +79,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         client_app=make_client_app(cfg, heads_dir),
         num_supernodes=cfg.num_clients,
         backend_config={
-            "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False},
+            "client_resources": client_resources(cfg),
+            "init_args": {"include_dashboard": False}
+            | ({"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {}),
         },
     )
     results = recorder.close()

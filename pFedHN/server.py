@@ -44,7 +44,7 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
         build_hypernetwork(cfg), num_clients=cfg.num_clients, num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every, clients_per_round=cfg.server.clients_per_round,
         lr=cfg.server.lr, momentum=cfg.server.momentum, weight_decay=cfg.server.wd,
-        clip_norm=cfg.server.clip_norm, seed=cfg.seed, **callbacks,
+        clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=cfg.device, **callbacks,
     )
 
 

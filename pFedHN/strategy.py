@@ -71,7 +71,8 @@ class PFedHNStrategy(Strategy):
 
     The outer optimizer is built once, so its momentum persists across rounds.
     Flower's node ids are not partition ids; the strategy asks every node for
-    its partition id once, through Flower's ``get_properties``.
+    its partition id once, through Flower's ``get_properties``. The hypernetwork
+    stays on ``device``; tensors cross to the CPU only at Flower's message boundary.
     """
 
     def __init__(
@@ -86,11 +87,13 @@ class PFedHNStrategy(Strategy):
         weight_decay: float = 1e-3,
         clip_norm: float = 50.0,
         seed: int = 0,
+        device: str | torch.device = "cpu",
         on_fit: Callable[[int, list[dict[str, Scalar]], dict[str, Any]], None] | None = None,
         on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
         super().__init__()
-        self.hnet = hnet
+        self.device = torch.device(device)
+        self.hnet = hnet.to(self.device)
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
         self.eval_rounds = evaluation_rounds(num_rounds, eval_every)
@@ -112,7 +115,7 @@ class PFedHNStrategy(Strategy):
     def generate(self, partition_id: int) -> list[np.ndarray]:
         """theta_i as the list of arrays a client loads, in the target's order."""
         with torch.no_grad():
-            return [t.numpy() for t in self.hnet(partition_id).values()]
+            return [t.cpu().numpy() for t in self.hnet(partition_id).values()]
 
     def update(
         self, partition_ids: Sequence[int], delta_thetas: Sequence[list[np.ndarray]]
@@ -126,7 +129,7 @@ class PFedHNStrategy(Strategy):
         for partition_id, delta_theta in zip(partition_ids, delta_thetas, strict=True):
             theta = self.hnet(partition_id)
             thetas += theta.values()
-            deltas += [torch.from_numpy(d) for d in delta_theta]
+            deltas += [torch.from_numpy(d).to(self.device) for d in delta_theta]
         params = list(self.hnet.parameters())
         grads = torch.autograd.grad(thetas, params, grad_outputs=deltas)
         for param, grad in zip(params, grads, strict=True):

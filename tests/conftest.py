@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,3 +26,13 @@ def compose_config(overrides: list[str]):
 @pytest.fixture
 def tiny_cfg():
     return compose_config(TINY_OVERRIDES)
+
+
+# Tests taking ``device`` run on the CPU and, where torch sees one, on CUDA too.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

@@ -12,14 +12,15 @@ KW = {"in_channels": 1, "n_kernels": 7, "out_dim": 10, "input_size": 28}
 LOOP = InnerLoop(steps=20, batch_size=16)
 
 
-def manual_inner_loop(theta, data, seed):
+def manual_inner_loop(theta, data, seed, device="cpu"):
     """The paper's inner loop written out by hand: fresh SGD, random batches, clip 50."""
-    model = CNNTarget(**KW)
+    model = CNNTarget(**KW).to(device)
     model.load_state_dict(theta)
+    data = data.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=5e-3, momentum=0.9, weight_decay=5e-5)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(LOOP.steps):
-        idx = torch.randperm(len(data.train_y), generator=gen)[: LOOP.batch_size]
+        idx = torch.randperm(len(data.train_y), generator=gen)[: LOOP.batch_size].to(device)
         x = (data.train_x[idx].float() / 255 - 0.1307) / 0.3081
         loss = F.cross_entropy(model(x), data.train_y[idx])
         opt.zero_grad()
@@ -29,24 +30,28 @@ def manual_inner_loop(theta, data, seed):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def make_client(partition_id=3, state=None, local=False, mirror=None):
+def make_client(partition_id=3, state=None, local=False, mirror=None, device="cpu"):
     data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
     model = CNNTarget(**KW, local=local)
     heads = HeadStore(state if state is not None else RecordDict(), mirror, checkpoint_every=3)
-    return PFedHNClient(partition_id, data, model, LOOP, seed=7, out_dim=10, heads=heads), data
+    client = PFedHNClient(partition_id, data, model, LOOP, seed=7, out_dim=10, heads=heads,
+                          device=device)
+    return client, data
 
 
-def test_delta_theta_is_theta_minus_trained_and_matches_manual_loop():
+def test_delta_theta_is_theta_minus_trained_and_matches_manual_loop(device):
     torch.manual_seed(0)
     theta = {k: v.detach().clone() for k, v in CNNTarget(**KW).state_dict().items()}
-    client, data = make_client()
+    client, data = make_client(device=device)
+    assert client.data.train_x.device.type == client.model.fc1.weight.device.type == device.type
     arrays = [v.numpy().copy() for v in theta.values()]
     delta, n, metrics = client.fit(arrays, {"server-round": 5})
     assert n == len(data.train_y) and metrics["partition-id"] == 3
-    trained = manual_inner_loop(theta, data, derive_seed(7, 3, 5))
+    assert all(isinstance(d, np.ndarray) for d in delta)  # back on the host for Flower
+    trained = manual_inner_loop(theta, data, derive_seed(7, 3, 5), device)
     for (name, before), d in zip(theta.items(), delta, strict=True):
         # sign: theta - delta_theta is the trained model
-        torch.testing.assert_close(before - torch.from_numpy(d), trained[name],
+        torch.testing.assert_close(before - torch.from_numpy(d), trained[name].cpu(),
                                    rtol=1e-5, atol=1e-6)
     assert max(np.abs(d).max() for d in delta) > 1e-4  # it did train
 
@@ -57,8 +62,8 @@ def test_inner_loop_seed_depends_on_round_and_partition():
     assert derive_seed(7, 1, 2) == derive_seed(7, 1, 2)
 
 
-def test_evaluate_reports_counts_for_val_and_test():
-    client, data = make_client()
+def test_evaluate_reports_counts_for_val_and_test(device):
+    client, data = make_client(device=device)
     arrays = [v.detach().numpy() for v in CNNTarget(**KW).state_dict().values()]
     loss, n, metrics = client.evaluate(arrays, {})
     assert n == len(data.val_y) == metrics["val-n"]
@@ -72,20 +77,20 @@ def test_properties_tell_the_partition_id():
     assert client.get_properties({}) == {"partition-id": 6}
 
 
-def test_pc_head_and_momentum_persist_in_the_state_record():
+def test_pc_head_and_momentum_persist_in_the_state_record(device):
     state = RecordDict()
     arrays = [v.detach().numpy() for v in CNNTarget(**KW, local=True).state_dict().values()]
-    client, _ = make_client(state=state, local=True)
+    client, _ = make_client(state=state, local=True, device=device)
     _, _, first = client.fit(arrays, {"server-round": 1})
     assert "head" in state and "head_momentum" in state
     assert first["head-fingerprint-in"] != first["head-fingerprint-out"]
     # a new client object (as Flower builds every round) on the same state
-    client, _ = make_client(state=state, local=True)
+    client, _ = make_client(state=state, local=True, device=device)
     head, optimizer = client._head()
     momentum = state["head_momentum"].to_torch_state_dict()
     assert set(momentum) == {"fc.weight", "fc.bias"}
     for name, param in head.named_parameters():
-        assert torch.equal(optimizer.state[param]["momentum_buffer"], momentum[name])
+        assert torch.equal(optimizer.state[param]["momentum_buffer"].cpu(), momentum[name])
     _, _, second = client.fit(arrays, {"server-round": 2})
     assert second["head-fingerprint-in"] == first["head-fingerprint-out"]
 

@@ -10,11 +10,11 @@ from pFedHN.strategy import PFedHNStrategy, evaluation_rounds, pooled_metrics
 LR, MOMENTUM, WD, CLIP = 1e-2, 0.9, 1e-3, 50.0
 
 
-def make_strategy(seed=0):
+def make_strategy(seed=0, device="cpu"):
     torch.manual_seed(seed)
     hnet = CNNHyper(4, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
     return PFedHNStrategy(hnet, num_clients=4, num_rounds=10, lr=LR, momentum=MOMENTUM,
-                          weight_decay=WD, clip_norm=CLIP)
+                          weight_decay=WD, clip_norm=CLIP, device=device)
 
 
 def reference_step(hnet, partition_ids, deltas, buffers):
@@ -37,8 +37,9 @@ def reference_step(hnet, partition_ids, deltas, buffers):
 
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # clipping inactive / active
-def test_update_equals_autograd_of_inner_product(scale):
-    strategy = make_strategy()
+def test_update_equals_autograd_of_inner_product(scale, device):
+    strategy = make_strategy(device=device)
+    assert strategy.hnet.embeddings.weight.device.type == device.type
     reference = copy.deepcopy(strategy.hnet)
     buffers = [None] * len(list(reference.parameters()))
     rng = np.random.default_rng(1)
@@ -47,12 +48,22 @@ def test_update_equals_autograd_of_inner_product(scale):
         deltas = [[scale * rng.standard_normal(t.shape).astype(np.float32)
                    for t in strategy.hnet(i).values()] for i in ids]
         strategy.update(ids, deltas)
-        as_tensors = [[torch.from_numpy(d) for d in delta] for delta in deltas]
+        as_tensors = [[torch.from_numpy(d).to(device) for d in delta] for delta in deltas]
         norms.append(reference_step(reference, ids, as_tensors, buffers))
         pairs = zip(strategy.hnet.parameters(), reference.parameters(), strict=True)
         for ours, ref in pairs:
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)  # float32 sums
     assert (max(norms) > CLIP) == (scale > 1)
+
+
+def test_generate_returns_host_arrays_of_the_target_shapes(device):
+    strategy = make_strategy(device=device)
+    theta = strategy.generate(2)
+    shapes = [tuple(s) for s in strategy.hnet.target_shapes.values()]
+    assert [a.shape for a in theta] == shapes
+    assert all(isinstance(a, np.ndarray) for a in theta)
+    expected = [t.detach().cpu().numpy() for t in strategy.hnet(2).values()]
+    assert all(np.array_equal(a, b) for a, b in zip(theta, expected, strict=True))
 
 
 def test_only_the_sampled_clients_embedding_gets_a_gradient_signal():
