@@ -75,10 +75,14 @@ def train_inner_loop(
     # Summed on the device: no host sync per step on a GPU.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    # All of the round's batches drawn up front from a CPU generator: the same
+    # samples on every device, and one host-to-device copy instead of one per step
+    # (each copy would make the host wait for the GPU).
+    batches = torch.stack([
+        torch.randperm(n, generator=generator)[: loop.batch_size] for _ in range(loop.steps)
+    ]).to(device)
     model.train()
-    for _ in range(loop.steps):
-        # Batches come from a CPU generator: the same samples on every device.
-        idx = torch.randperm(n, generator=generator)[: loop.batch_size].to(device)
+    for idx in batches:
         x, y = data.normalize(data.train_x[idx]), data.train_y[idx]
         logits = model(x) if head is None else head(model(x))
         loss = nn.functional.cross_entropy(logits, y)
