@@ -10,6 +10,7 @@ from flwr.server.history import History
 from omegaconf import DictConfig
 
 from pFedHN.config import target_kwargs
+from pFedHN.device import resolve_device
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.strategy import PFedHNStrategy
 
@@ -44,7 +45,8 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
         build_hypernetwork(cfg), num_clients=cfg.num_clients, num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every, clients_per_round=cfg.server.clients_per_round,
         lr=cfg.server.lr, momentum=cfg.server.momentum, weight_decay=cfg.server.wd,
-        clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=cfg.device, **callbacks,
+        clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=resolve_device(cfg.device),
+        **callbacks,
     )
 
 
