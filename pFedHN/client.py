@@ -124,6 +124,9 @@ def fingerprint(module: nn.Module) -> int:
     return crc
 
 
+HEADS_DIR = "client_heads"  # simulation: <run dir>/client_heads/<partition>/<round>.pt
+
+
 class HeadStore:
     """Where a pFedHN-PC client keeps its private head and momentum between rounds.
 

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+from flwr.server import ServerApp, ServerAppComponents
 from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
-from pFedHN.client import discard_heads_after, make_client_app
+from pFedHN.client import HEADS_DIR, discard_heads_after, make_client_app
 from pFedHN.config import VARIANTS, ConfigError, check_split, client_resources, validate
 from pFedHN.dataset import DataNotFoundError, ensure_available
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.results import RunRecorder
-from pFedHN.server import build_strategy, make_server_app
+from pFedHN.server import build_strategy, server_components
+from pFedHN.strategy import PFedHNStrategy
 
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: DictConfig) -> DictConfig:
-    """Validate, fix relative paths and defaults, check the data: all before any work."""
+def prepare(cfg: DictConfig, check_data: bool = True) -> DictConfig:
+    """Validate, fix relative paths and defaults, check the data: all before any work.
+
+    ``check_data=False``: a deployed server, whose machine holds no client data.
+    """
     validate(cfg)
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -36,25 +43,43 @@ def prepare(cfg: DictConfig) -> DictConfig:
         resources = client_resources(cfg)
         cfg.simulation.num_cpus_per_client = resources["num_cpus"]
         cfg.simulation.num_gpus_per_client = resources["num_gpus"]
-    ensure_available(cfg.dataset.data, cfg.dataset.root, cfg.dataset.download)
-    check_split(cfg)
+    if check_data:
+        ensure_available(cfg.dataset.data, cfg.dataset.root, cfg.dataset.download)
+        check_split(cfg)
     return cfg
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run one experiment on Flower's simulation engine; return results.json.
+@dataclass
+class Experiment:
+    """One run's server side: strategy, results and checkpoints, in ``run_dir``."""
 
-    With ``cfg.resume`` set, continue that run directory instead of ``run_dir``.
-    """
-    cfg = prepare(cfg)
+    cfg: DictConfig
+    run_dir: Path
+    strategy: PFedHNStrategy
+    recorder: RunRecorder
+
+    def components(self, on_finish: Callable[[], object] | None = None) -> ServerAppComponents:
+        """What the ServerApp runs, on either of Flower's engines."""
+        return server_components(self.strategy, self.cfg.num_rounds,
+                                 self.cfg.server.round_timeout, on_finish)
+
+    def finish(self) -> dict:
+        """Write the final results; log and return them."""
+        results = self.recorder.close()
+        log.info("test_acc_at_best_val=%.4f (round %s), final_test_acc=%.4f, wall_time_s=%.1f",
+                 results["test_acc_at_best_val"], results["best_round"],
+                 results["final_test_acc"], results["wall_time_s"])
+        return results
+
+
+def start_experiment(cfg: DictConfig, run_dir: str | Path) -> Experiment:
+    """Build the server side of a prepared config; with ``cfg.resume``, continue that run."""
     run_dir = Path(cfg.resume or run_dir)
     resumed = checkpoint.load(run_dir, cfg) if cfg.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     title = f"{VARIANTS[cfg.model.variant]} on {cfg.dataset.data}, {cfg.num_clients} clients"
     recorder = RunRecorder(run_dir, cfg.num_rounds, title)
-    heads_dir = run_dir / "client_heads" if cfg.model.local and cfg.simulation.mirror_heads \
-        else None
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
         recorder.on_fit(server_round, client_metrics, server_metrics)
@@ -68,14 +93,25 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
         recorder.load_state_dict(resumed["recorder"])
-        if heads_dir is not None:
-            discard_heads_after(heads_dir, resumed["round"])
+        discard_heads_after(run_dir / HEADS_DIR, resumed["round"])
         log.info("resuming %s from round %d", run_dir, resumed["round"])
     log.info("%s: %d rounds, results in %s", title, cfg.num_rounds, run_dir)
+    return Experiment(cfg, run_dir, strategy, recorder)
 
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run one experiment on Flower's simulation engine; return results.json.
+
+    With ``cfg.resume`` set, continue that run directory instead of ``run_dir``.
+    """
+    cfg = prepare(cfg)
+    experiment = start_experiment(cfg, run_dir)
+    # Simulation only: pFedHN-PC heads are mirrored beside the checkpoint (see HeadStore).
+    heads_dir = experiment.run_dir / HEADS_DIR \
+        if cfg.model.local and cfg.simulation.mirror_heads else None
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round chatter
     run_simulation(
-        server_app=make_server_app(strategy, cfg.num_rounds, cfg.server.round_timeout),
+        server_app=ServerApp(server_fn=lambda context: experiment.components()),
         client_app=make_client_app(cfg, heads_dir),
         num_supernodes=cfg.num_clients,
         backend_config={
@@ -84,11 +120,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             | ({"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {}),
         },
     )
-    results = recorder.close()
-    log.info("test_acc_at_best_val=%.4f (round %s), final_test_acc=%.4f, wall_time_s=%.1f",
-             results["test_acc_at_best_val"], results["best_round"],
-             results["final_test_acc"], results["wall_time_s"])
-    return results
+    return experiment.finish()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from flwr.app import Context
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
-from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
 from omegaconf import DictConfig
 
@@ -16,17 +17,30 @@ from pFedHN.strategy import PFedHNStrategy
 
 
 class PFedHNServer(Server):
-    """Flower's Server, plus an evaluation before the first round.
+    """Flower's Server, plus an evaluation before the first round and a hook after the last.
 
     Flower evaluates only after each training round; the paper's curves start
     from the hypernetwork's initial weights (round 0), and a resumed run first
     evaluates the round it resumes from (when that is an evaluation round).
     """
 
+    def __init__(
+        self,
+        *,
+        client_manager: ClientManager,
+        strategy: PFedHNStrategy,
+        on_finish: Callable[[], object] | None = None,
+    ) -> None:
+        super().__init__(client_manager=client_manager, strategy=strategy)
+        self.on_finish = on_finish
+
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         """Evaluate the starting point, then run Flower's usual training loop."""
         self.evaluate_round(server_round=0, timeout=timeout)
-        return super().fit(num_rounds, timeout)
+        history = super().fit(num_rounds, timeout)
+        if self.on_finish is not None:
+            self.on_finish()
+        return history
 
 
 def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
@@ -50,20 +64,28 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
     )
 
 
+def server_components(
+    strategy: PFedHNStrategy,
+    num_rounds: int,
+    round_timeout: float | None = None,
+    on_finish: Callable[[], object] | None = None,
+) -> ServerAppComponents:
+    """What a ServerApp runs: ``strategy`` up to round ``num_rounds`` (from its start round).
+
+    ``round_timeout``: seconds a round waits for its clients; a client that does
+    not answer in time counts as failed. ``on_finish``: called after the last round.
+    """
+    return ServerAppComponents(
+        server=PFedHNServer(client_manager=SimpleClientManager(), strategy=strategy,
+                            on_finish=on_finish),
+        config=ServerConfig(num_rounds=num_rounds - strategy.start_round,
+                            round_timeout=round_timeout),
+    )
+
+
 def make_server_app(
     strategy: PFedHNStrategy, num_rounds: int, round_timeout: float | None = None
 ) -> ServerApp:
-    """A ServerApp running ``strategy`` up to round ``num_rounds`` (from its start round).
-
-    ``round_timeout``: seconds a round waits for its clients; a client that does
-    not answer in time counts as failed.
-    """
-
-    def server_fn(context: Context) -> ServerAppComponents:
-        return ServerAppComponents(
-            server=PFedHNServer(client_manager=SimpleClientManager(), strategy=strategy),
-            config=ServerConfig(num_rounds=num_rounds - strategy.start_round,
-                                round_timeout=round_timeout),
-        )
-
-    return ServerApp(server_fn=server_fn)
+    """A ServerApp around an existing strategy (simulation, tests)."""
+    return ServerApp(server_fn=lambda context: server_components(strategy, num_rounds,
+                                                                 round_timeout))

@@ -1,0 +1,155 @@
+"""Flower's deployment engine: a SuperLink and SuperNodes with TLS and SuperNode
+authentication on 127.0.0.1, the package's apps run unchanged with ``flwr run``."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from pFedHN.credentials import make_credentials
+from tests.conftest import REPO, TINY_MNIST
+
+pytestmark = pytest.mark.deployment
+
+BIN = Path(sys.executable).parent
+OVERRIDES = (f"dataset.data=mnist model.n_kernels=7 model.in_channels=1 model.n_hidden=1 "
+             f"dataset.root={TINY_MNIST} dataset.download=false dataset.val_size=500 "
+             "num_clients=3 num_rounds=2 eval_every=2 client.inner_steps=10")
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Processes:
+    """Flower's processes, each in its own process group, all killed at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        # The SuperLink and SuperNodes start Flower's other programs from PATH.
+        self.env = os.environ | {"FLWR_HOME": str(root / "flwr_home"),
+                                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, name: str, *command: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed by the OS at exit
+        process = subprocess.Popen([str(BIN / command[0]), *command[1:]], env=self.env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def wait_for(self, name: str, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} never logged {text!r}:\n{self.log(name)[-2000:]}")
+            time.sleep(0.2)
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def kill_all(self) -> None:
+        """Kill every process started here and all they started, detached ones too
+        (Flower starts its SuperExec in a new session, told its parent's pid)."""
+        doomed = family({p.pid for p in self.started})
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for process in self.started:
+            process.wait()
+
+
+def family(roots: set[int]) -> set[int]:
+    """``roots`` and their descendants, including those given ``--parent-pid <root>``."""
+    parent, command = {}, {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")
+        except (ValueError, OSError):
+            continue
+    found, grew = set(roots), True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in found}
+        more |= {pid for pid, argv in command.items()
+                 if any(argv[i] == b"--parent-pid" and argv[i + 1].decode() in map(str, found)
+                        for i in range(len(argv) - 1))}
+        grew = not more <= found
+        found |= more
+    return found
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.kill_all()
+
+
+def test_pfedhn_runs_on_a_secure_federation_and_unlisted_nodes_are_refused(
+    processes, tmp_path
+):
+    started = time.monotonic()
+    credentials = tmp_path / "credentials"
+    make_credentials(credentials, supernodes=4, hosts=["127.0.0.1", "localhost"])
+    ca = str(credentials / "ca.crt")
+    superlink = f"127.0.0.1:{free_port()}"
+
+    processes.start("superlink", "flower-superlink", "--ssl-ca-certfile", ca,
+                    "--ssl-certfile", str(credentials / "superlink.pem"),
+                    "--ssl-keyfile", str(credentials / "superlink.key"),
+                    "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                    "--port", superlink.split(":")[1])
+    processes.wait_for("superlink", "Uvicorn running on https://")
+    home = tmp_path / "flwr_home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "secure"\n\n[superlink.secure]\n'
+        f'address = "{superlink}"\nroot-certificates = "{ca}"\n'
+    )
+    for i in range(3):  # the fourth key stays unlisted
+        registered = processes.cli("supernode", "register", str(credentials / f"supernode_{i}.pub"),
+                                   "secure")
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+
+    def supernode(i: int) -> subprocess.Popen:
+        return processes.start(
+            f"supernode{i}", "flower-supernode", "--root-certificates", ca,
+            "--superlink", superlink, "--port", str(free_port()),
+            "--auth-supernode-private-key", str(credentials / f"supernode_{i}"),
+            "--node-config", f"partition-id={i}",
+        )
+
+    for i in range(3):
+        supernode(i)
+    intruder = supernode(3)
+    assert intruder.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in processes.log("supernode3")
+
+    run_dir = tmp_path / "run"
+    run = processes.cli("run", ".", "secure", "--stream", "--run-config",
+                        f"overrides='{OVERRIDES}' run-dir='{run_dir}'", timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds_completed"] == 2 and results["failed_rounds"] == []
+    assert [e["round"] for e in results["evaluations"]] == [0, 2]
+    assert all(e["clients_evaluated"] == 3 for e in results["evaluations"])
+    assert (run_dir / "checkpoint.pt").exists()
+    print(f"deployment test took {time.monotonic() - started:.0f} s")
