@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from pFedHN.client import client_builder
+from pFedHN.config import validate
 from pFedHN.main import prepare, start_experiment
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -52,8 +53,10 @@ def _server_fn(context: Context) -> ServerAppComponents:
 
 @functools.lru_cache(maxsize=4)
 def _builder(overrides: str):
+    cfg = compose_config(overrides)
+    validate(cfg)  # a bad override fails on the node with the same message as in simulation
     # Decided on this node: e.g. device=auto picks the node's own GPU, if any.
-    return client_builder(compose_config(overrides))
+    return client_builder(cfg)
 
 
 def _client_fn(context: Context):
