@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from pFedHN.config import ConfigError, validate
 from pFedHN.dataset import DataNotFoundError
 from pFedHN.main import prepare
+from pFedHN.results import PAPER, preset_command
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 
 SEED_COMMANDS = {
@@ -36,6 +37,24 @@ def test_seed_readme_commands_compose_and_validate(name):
     for override in overrides:
         key, value = override.split("=")
         assert OmegaConf.select(cfg, key) == OmegaConf.create(f"v: {value}").v
+
+
+@pytest.mark.parametrize("preset,long_form", [
+    (["data=mnist"], "mnist"),
+    (["algorithm=pfedhn_pc"], "pc"),
+    (["data=cifar100"], "cifar100"),
+    (["data=cifar100", "algorithm=pfedhn_pc"], "cifar100-pc"),
+])
+def test_presets_equal_the_seed_readme_commands(preset, long_form):
+    assert compose_config(preset) == compose_config(SEED_COMMANDS[long_form])
+
+
+def test_every_paper_row_without_a_run_has_a_command_for_its_setting():
+    for key in PAPER:
+        overrides = preset_command(key).split()[3:]
+        cfg = compose_config(overrides)
+        validate(cfg)
+        assert (cfg.dataset.data, cfg.model.variant, cfg.num_clients) == key
 
 
 def test_defaults_are_the_authors_cifar10_setting():
