@@ -38,7 +38,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from pFedHN.client import HeadStore, InnerLoop, PFedHNClient
-from pFedHN.config import data_spec, target_kwargs
+from pFedHN.config import data_spec, split_kwargs, target_kwargs
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
@@ -113,9 +113,8 @@ def plain_rounds(cfg, rounds: int) -> tuple[dict[str, list[float]], torch.Tensor
     configure_torch(cfg.deterministic, threads)
     device = torch.device(cfg.device)
     strategy = build_strategy(cfg)
-    clients = federated_data(data_spec(cfg), cfg.dataset.root, cfg.num_clients,
-                             cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed,
-                             cfg.device)
+    clients = federated_data(data_spec(cfg), cfg.dataset.root, **split_kwargs(cfg),
+                             device=cfg.device)
     loop = InnerLoop.from_config(cfg)
     states = [RecordDict() for _ in clients]
 

@@ -16,8 +16,10 @@ IDENTITY_KEYS = (
     "dataset.data", "dataset.val_size", "num_clients", "seed",
     "client.num_classes_per_node", "model.variant", "model.local", "model.in_channels",
     "model.n_kernels", "model.out_dim", "model.n_hidden", "model.hidden_dim",
-    "model.embed_dim",
+    "model.embed_dim", "novel.num_clients",
 )
+# Keys added after checkpoints were first written: their value in those older checkpoints.
+ADDED_LATER = {"novel.num_clients": 0}
 
 
 class CheckpointError(ValueError):
@@ -51,6 +53,7 @@ def load(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError(f"resume={run_dir}: {path} is corrupt or incomplete ({error})") \
             from None
     ours = identity(cfg)
+    saved = ADDED_LATER | saved
     differing = [f"{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}"
                  for k in IDENTITY_KEYS if saved.get(k) != ours[k]]
     if differing:

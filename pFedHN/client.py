@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pFedHN.config import data_spec, target_kwargs
+from pFedHN.config import data_spec, split_kwargs, target_kwargs
 from pFedHN.dataset import ClientData, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.models import CNNTarget, LocalLayer
@@ -316,10 +316,7 @@ def client_builder(
         configure_torch(deterministic, threads)
         device = resolve_device(cfg.get("device", "auto"))  # in the process that trains
         partition_id = int(context.node_config["partition-id"])
-        clients = federated_data(
-            spec, cfg.dataset.root, cfg.num_clients,
-            cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed, str(device),
-        )
+        clients = federated_data(spec, cfg.dataset.root, **split_kwargs(cfg), device=str(device))
         heads = HeadStore(
             context.state,
             head_mirror_dir / str(partition_id) if head_mirror_dir else None,

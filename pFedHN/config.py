@@ -76,6 +76,15 @@ def validate(cfg: DictConfig) -> None:
               f"at most num_clients={cfg.num_clients}")
     if cfg.eval_every > cfg.num_rounds:
         _fail("eval_every", cfg.eval_every, f"at most num_rounds={cfg.num_rounds}")
+    _positive(cfg, "novel.rounds", int)
+    _positive(cfg, "novel.lr")
+    novel = cfg.novel.num_clients
+    if isinstance(novel, bool) or not isinstance(novel, int) or novel < 0:
+        _fail("novel.num_clients", novel, "an integer >= 0")
+    if cfg.novel.dirichlet_alpha is not None:
+        _positive(cfg, "novel.dirichlet_alpha")
+    if cfg.novel.from_run is not None and novel == 0:
+        _fail("novel.from_run", cfg.novel.from_run, "needs novel.num_clients > 0")
     if cfg.server.round_timeout is not None:
         _positive(cfg, "server.round_timeout")
     _validate_hardware(cfg)
@@ -135,8 +144,7 @@ def check_split(cfg: DictConfig) -> None:
     if cfg.dataset.val_size >= len(train):
         _fail("dataset.val_size", cfg.dataset.val_size,
               f"must be less than the {len(train)} training samples of {cfg.dataset.root}")
-    split = client_indices(train, test, spec.num_classes, cfg.num_clients,
-                           cfg.client.num_classes_per_node, cfg.dataset.val_size, cfg.seed)
+    split = client_indices(train, test, spec.num_classes, **split_kwargs(cfg))
     for name, per_client in split.items():
         empty = [i for i, idx in enumerate(per_client) if len(idx) == 0]
         if empty:
@@ -146,6 +154,23 @@ def check_split(cfg: DictConfig) -> None:
                 f"would get no {name} samples from this data; use fewer clients"
                 + (" or a larger dataset.val_size" if name == "val" else "")
             )
+
+
+def num_partitions(cfg: DictConfig) -> int:
+    """Flower nodes and data partitions: the training clients, then the novel ones."""
+    return cfg.num_clients + cfg.novel.num_clients
+
+
+def split_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """How the data is split among the partitions (``client_indices``/``federated_data``)."""
+    return {
+        "num_clients": num_partitions(cfg),
+        "classes_per_client": cfg.client.num_classes_per_node,
+        "val_size": cfg.dataset.val_size,
+        "seed": cfg.seed,
+        "novel": cfg.novel.num_clients,
+        "novel_alpha": cfg.novel.dirichlet_alpha,
+    }
 
 
 def data_spec(cfg: DictConfig) -> DatasetSpec:

@@ -27,6 +27,7 @@ class DatasetSpec:
     std: tuple[float, ...] | None
     layout: str  # the files expected under dataset.root
     torchvision_class: type | None = None  # None: an image folder
+    train_folders: tuple[str, ...] = ("train",)  # image folders: pooled into the training set
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -49,6 +50,16 @@ DATASETS: dict[str, DatasetSpec] = {
     "folder": DatasetSpec(
         0, 3, 32, None, None, "<root>/{train,test}/<class>/<image>.{jpg,png,...}"
     ),
+    # CINIC-10 as distributed (CINIC-10.tar.gz): its train and valid sets (90,000
+    # images each) form the training set the val split is cut from; test is test.
+    "cinic10": DatasetSpec(
+        10, 3, 32, (0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835),
+        "<root>/{train,valid,test}/<class>/<image>.png", train_folders=("train", "valid"),
+    ),
+}
+DOWNLOAD_HINTS = {
+    "cinic10": "Download CINIC-10.tar.gz from https://datashare.ed.ac.uk/handle/10283/3192 "
+               "and extract it into dataset.root. ",
 }
 
 
@@ -69,19 +80,26 @@ def dataset_spec(
         return spec
     root = Path(root).expanduser().resolve()
     classes = {}
-    for split in ("train", "test"):
+    for split in (*spec.train_folders, "test"):
         folder = root / split
         if not folder.is_dir():
             raise DataNotFoundError(
-                f"dataset.data=folder: {folder} is not a directory. "
-                f"Expected layout under dataset.root={root}: {spec.layout}"
+                f"dataset.data={name}: {folder} is not a directory. "
+                + DOWNLOAD_HINTS.get(name, "")
+                + f"Expected layout under dataset.root={root}: {spec.layout}"
             )
         classes[split] = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    if not classes["train"] or classes["train"] != classes["test"]:
+    listed = " and ".join(f"{root}/{split} {names}" for split, names in classes.items())
+    if not classes["test"] or any(names != classes["test"] for names in classes.values()):
         raise DataNotFoundError(
-            f"dataset.data=folder: the class folders of {root}/train {classes['train']} "
-            f"and {root}/test {classes['test']} must be the same, non-empty list"
+            f"dataset.data={name}: the class folders of {listed} must be the same, "
+            "non-empty list"
         )
+    if spec.num_classes and len(classes["test"]) != spec.num_classes:
+        raise DataNotFoundError(f"dataset.data={name}: expected {spec.num_classes} class "
+                                f"folders, found {len(classes['test'])} in {root}/test")
+    if name != "folder":  # a known dataset: its own size and normalisation
+        return spec
     return replace(spec, num_classes=len(classes["train"]),
                    image_size=image_size or spec.image_size, mean=mean, std=std)
 
@@ -119,7 +137,9 @@ def load_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole split as (uint8 images N x C x H x W, int64 labels)."""
     if spec.torchvision_class is None:
-        return _load_folder(Path(root) / ("train" if train else "test"), spec.image_size)
+        parts = [_load_folder(Path(root) / folder, spec.image_size)
+                 for folder in (spec.train_folders if train else ("test",))]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
     ds = spec.torchvision_class(str(root), train=train, download=False)
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # MNIST: N x H x W
@@ -234,29 +254,71 @@ def client_indices(
     classes_per_client: int,
     val_size: int,
     seed: int,
+    novel: int = 0,
+    novel_alpha: float | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """The whole split from labels alone: per split, each client's sample indices.
 
     "train" and "val" index the official training set (val: ``val_size`` random
-    samples of it), "test" the official test set.
+    samples of it), "test" the official test set. The last ``novel`` clients are
+    held out from training; with ``novel_alpha`` their data is redrawn with
+    Dirichlet class proportions (see ``redraw_dirichlet``).
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train_labels))
-    pools = {"val": order[:val_size], "train": order[val_size:]}
+    pools = {"val": order[:val_size], "train": order[val_size:],
+             "test": np.arange(len(test_labels))}
     assignment = assign_classes(num_clients, num_classes, classes_per_client, rng)
     split = {}
     for name in ("train", "val"):  # the authors' order: train, val, test
         within = split_by_assignment(train_labels[pools[name]], assignment, num_classes, rng)
         split[name] = [pools[name][i] for i in within]
     split["test"] = split_by_assignment(test_labels, assignment, num_classes, rng)
+    if novel and novel_alpha is not None:
+        labels = {"train": train_labels, "val": train_labels, "test": test_labels}
+        redraw_dirichlet(split, pools, labels, num_classes, num_clients - novel, novel_alpha,
+                         np.random.default_rng([seed, 1]))  # own stream: training data unchanged
     return split
+
+
+def redraw_dirichlet(
+    split: dict[str, list[np.ndarray]],
+    pools: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    num_classes: int,
+    first_novel: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> None:
+    """Give each novel client (index >= ``first_novel``) class proportions p ~ Dir(alpha).
+
+    Its samples come from what the training clients do not use, as many per split
+    as a novel client had before, ``Multinomial(n, p)`` per class (capped by what
+    is there). Small alpha: few classes, far from the training mix; large alpha:
+    close to uniform. Novel clients are evaluated one by one and never train the
+    hypernetwork, so two of them may share samples; none shares with training.
+    """
+    proportions = [rng.dirichlet(np.full(num_classes, alpha))
+                   for _ in range(first_novel, len(split["train"]))]
+    for name, per_client in split.items():
+        free = np.setdiff1d(pools[name], np.concatenate(per_client[:first_novel]))
+        by_class = [free[labels[name][free] == c] for c in range(num_classes)]
+        size = round(np.mean([len(i) for i in per_client[first_novel:]]))
+        for j, p in enumerate(proportions, start=first_novel):
+            counts = rng.multinomial(size, p)
+            per_client[j] = np.concatenate([
+                rng.choice(by_class[c], min(n, len(by_class[c])), replace=False)
+                for c, n in enumerate(counts)
+            ])
 
 
 def load_labels(spec: DatasetSpec, root: str | Path, train: bool) -> np.ndarray:
     """A split's labels, without decoding an image folder's images."""
     if spec.torchvision_class is None:
-        folder = Path(root) / ("train" if train else "test")
-        return np.asarray(datasets.ImageFolder(str(folder)).targets)
+        return np.concatenate([
+            np.asarray(datasets.ImageFolder(str(Path(root) / folder)).targets)
+            for folder in (spec.train_folders if train else ("test",))
+        ])
     return np.asarray(spec.torchvision_class(str(root), train=train, download=False).targets)
 
 
@@ -268,13 +330,15 @@ def federated_data(
     classes_per_client: int,
     val_size: int,
     seed: int,
+    novel: int = 0,
+    novel_alpha: float | None = None,
     device: str = "cpu",
 ) -> tuple[ClientData, ...]:
     """Every client's data, built once per process (cached) from one seed, on ``device``."""
     train_x, train_y = load_images(spec, root, train=True)
     test_x, test_y = load_images(spec, root, train=False)
     split = client_indices(train_y.numpy(), test_y.numpy(), spec.num_classes, num_clients,
-                           classes_per_client, val_size, seed)
+                           classes_per_client, val_size, seed, novel, novel_alpha)
     if spec.mean is None or spec.std is None:  # measured on the training images
         pixels = train_x.float().div_(255.0).transpose(0, 1).flatten(1)
         mean, std = pixels.mean(1), pixels.std(1)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+from flwr.app import Context
 from flwr.server import ServerApp, ServerAppComponents
 from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
@@ -16,10 +17,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import HEADS_DIR, discard_heads_after, make_client_app
-from pFedHN.config import VARIANTS, ConfigError, check_split, client_resources, validate
-from pFedHN.dataset import DataNotFoundError, ensure_available
+from pFedHN.config import (
+    VARIANTS,
+    ConfigError,
+    check_split,
+    client_resources,
+    data_spec,
+    num_partitions,
+    split_kwargs,
+    validate,
+)
+from pFedHN.dataset import DataNotFoundError, client_indices, ensure_available, load_labels
 from pFedHN.device import configure_torch, resolve_device
-from pFedHN.results import RunRecorder
+from pFedHN.novel import distribution_shift, novel_summary, plot_novel
+from pFedHN.results import RunRecorder, write_json_atomic
 from pFedHN.server import build_strategy, server_components
 from pFedHN.strategy import PFedHNStrategy
 
@@ -99,28 +110,91 @@ def start_experiment(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     return Experiment(cfg, run_dir, strategy, recorder)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run one experiment on Flower's simulation engine; return results.json.
-
-    With ``cfg.resume`` set, continue that run directory instead of ``run_dir``.
-    """
-    cfg = prepare(cfg)
-    experiment = start_experiment(cfg, run_dir)
-    # Simulation only: pFedHN-PC heads are mirrored beside the checkpoint (see HeadStore).
-    heads_dir = experiment.run_dir / HEADS_DIR \
-        if cfg.model.local and cfg.simulation.mirror_heads else None
+def simulate(cfg: DictConfig, server_fn: Callable[[Context], ServerAppComponents],
+             heads_dir: Path | None = None) -> None:
+    """One pass of Flower's simulation engine: a node per partition."""
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round chatter
     run_simulation(
-        server_app=ServerApp(server_fn=lambda context: experiment.components()),
+        server_app=ServerApp(server_fn=server_fn),
         client_app=make_client_app(cfg, heads_dir),
-        num_supernodes=cfg.num_clients,
+        num_supernodes=num_partitions(cfg),
         backend_config={
             "client_resources": client_resources(cfg),
             "init_args": {"include_dashboard": False}
             | ({"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {}),
         },
     )
-    return experiment.finish()
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run one experiment on Flower's simulation engine; return results.json.
+
+    With ``cfg.resume`` set, continue that run directory instead of ``run_dir``.
+    With novel clients, their embedding phase follows training (or, with
+    ``novel.from_run``, replaces it).
+    """
+    cfg = prepare(cfg)
+    if cfg.novel.from_run:
+        return run_novel(cfg, trained_strategy(cfg), Path(run_dir), {})
+    experiment = start_experiment(cfg, run_dir)
+    # Simulation only: pFedHN-PC heads are mirrored beside the checkpoint (see HeadStore).
+    heads_dir = experiment.run_dir / HEADS_DIR \
+        if cfg.model.local and cfg.simulation.mirror_heads else None
+    simulate(cfg, lambda context: experiment.components(), heads_dir)
+    results = experiment.finish()
+    if cfg.novel.num_clients:
+        results = run_novel(cfg, experiment.strategy, experiment.run_dir, results)
+    return results
+
+
+def trained_strategy(cfg: DictConfig) -> PFedHNStrategy:
+    """The strategy as a finished run (``novel.from_run``) left it."""
+    saved = checkpoint.load(Path(cfg.novel.from_run), cfg)
+    if saved["round"] != cfg.num_rounds:
+        raise CheckpointError(f"novel.from_run={cfg.novel.from_run}: its checkpoint is at "
+                              f"round {saved['round']}, not at num_rounds={cfg.num_rounds}")
+    configure_torch(cfg.deterministic)
+    strategy = build_strategy(cfg)
+    strategy.load_state_dict(saved["strategy"])
+    return strategy
+
+
+def run_novel(cfg: DictConfig, strategy: PFedHNStrategy, run_dir: Path, results: dict) -> dict:
+    """Learn the novel clients' embeddings, the hypernetwork frozen; report them.
+
+    Adds the figures to ``results``; writes results.json and novel_clients.png
+    into ``run_dir``.
+    """
+    novel_ids = range(cfg.num_clients, num_partitions(cfg))
+    strategy.learn_embeddings_only(novel_ids, cfg.novel.rounds, cfg.novel.lr,
+                                   cfg.server.momentum)
+    evaluations: dict[int, dict] = {}
+    strategy.on_fit = None
+    strategy.on_evaluate = lambda r, metrics, per_client: evaluations.__setitem__(r, per_client)
+    log.info("novel clients %d-%d: %d rounds of embedding training",
+             novel_ids[0], novel_ids[-1], cfg.novel.rounds)
+    simulate(cfg, lambda context: server_components(strategy, cfg.novel.rounds))
+
+    spec = data_spec(cfg)
+    train_labels = load_labels(spec, cfg.dataset.root, train=True)
+    split = client_indices(train_labels, load_labels(spec, cfg.dataset.root, train=False),
+                           spec.num_classes, **split_kwargs(cfg))
+    shifts = distribution_shift([train_labels[i] for i in split["train"]], cfg.num_clients,
+                                spec.num_classes)
+    settings = {"rounds": cfg.novel.rounds, "lr": cfg.novel.lr,
+                "dirichlet_alpha": cfg.novel.dirichlet_alpha,
+                "from_run": cfg.novel.from_run}
+    summary = novel_summary(evaluations[0], evaluations[cfg.novel.rounds], shifts,
+                            cfg.num_clients, settings)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.novel.from_run:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    results = results | {"novel_clients": summary}
+    write_json_atomic(run_dir / "results.json", results)
+    plot_novel(summary, run_dir / "novel_clients.png")
+    log.info("novel clients: test_acc %.4f before, %.4f after embedding training",
+             summary["test_acc_before"], summary["test_acc_after"])
+    return results
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

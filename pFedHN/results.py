@@ -88,8 +88,10 @@ class RunRecorder:
             self.failed_rounds.append(server_round)
         self.progress.update(1)
 
-    def on_evaluate(self, server_round: int, metrics: dict[str, float]) -> None:
-        """An evaluation of every client finished: record, save, plot."""
+    def on_evaluate(
+        self, server_round: int, metrics: dict[str, float], per_client: dict | None = None
+    ) -> None:
+        """An evaluation of every client finished: record, save, plot (pooled figures)."""
         record = {"round": server_round, **metrics, "wall_time_s": self.wall_time_s()}
         self.evaluations.append(record)
         log.info("round %d: val_acc=%.4f test_acc=%.4f (clients %.4f-%.4f) val_loss=%.4f",
@@ -178,7 +180,8 @@ PAPER = {
     ("cifar100", 1, 50): "60.17",
     ("cifar100", 1, 100): "53.24",
 }
-DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                 "cinic10": "CINIC-10", "omniglot": "Omniglot"}
 VARIANT_NAMES = {0: "pFedHN", 1: "pFedHN-PC"}
 ALGORITHM_PRESETS = {0: "pfedhn", 1: "pfedhn_pc"}  # conf/algorithm/
 NO_DATA_HERE = {"cifar100"}  # the machines this table is made on hold no copy of these

@@ -10,7 +10,7 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
 from omegaconf import DictConfig
 
-from pFedHN.config import target_kwargs
+from pFedHN.config import num_partitions, target_kwargs
 from pFedHN.device import resolve_device
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.strategy import PFedHNStrategy
@@ -48,7 +48,7 @@ def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
     torch.manual_seed(cfg.seed)
     target_shapes = parameter_shapes(CNNTarget(**target_kwargs(cfg)))
     return CNNHyper(
-        cfg.num_clients, target_shapes, embedding_dim=cfg.model.embed_dim,
+        num_partitions(cfg), target_shapes, embedding_dim=cfg.model.embed_dim,
         hidden_dim=cfg.model.hidden_dim, n_hidden=cfg.model.n_hidden,
     )
 
@@ -56,11 +56,11 @@ def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
 def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
     """The strategy with the config's server settings."""
     return PFedHNStrategy(
-        build_hypernetwork(cfg), num_clients=cfg.num_clients, num_rounds=cfg.num_rounds,
+        build_hypernetwork(cfg), num_clients=num_partitions(cfg), num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every, clients_per_round=cfg.server.clients_per_round,
         lr=cfg.server.lr, momentum=cfg.server.momentum, weight_decay=cfg.server.wd,
         clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=resolve_device(cfg.device),
-        **callbacks,
+        training_clients=cfg.num_clients, **callbacks,
     )
 
 

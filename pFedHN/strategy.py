@@ -89,12 +89,15 @@ class PFedHNStrategy(Strategy):
         seed: int = 0,
         device: str | torch.device = "cpu",
         on_fit: Callable[[int, list[dict[str, Scalar]], dict[str, Any]], None] | None = None,
-        on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
+        on_evaluate: Callable[[int, dict[str, float], dict[int, dict]], None] | None = None,
+        training_clients: int | None = None,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
         self.hnet = hnet.to(self.device)
-        self.num_clients = num_clients
+        self.num_clients = num_clients  # Flower nodes, one per partition
+        # The partitions sampled for training and evaluated; the rest are novel clients.
+        self.clients = list(range(training_clients or num_clients))
         self.clients_per_round = clients_per_round
         self.eval_rounds = evaluation_rounds(num_rounds, eval_every)
         self.clip_norm = clip_norm
@@ -130,13 +133,27 @@ class PFedHNStrategy(Strategy):
             theta = self.hnet(partition_id)
             thetas += theta.values()
             deltas += [torch.from_numpy(d).to(self.device) for d in delta_theta]
-        params = list(self.hnet.parameters())
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = torch.autograd.grad(thetas, params, grad_outputs=deltas)
         for param, grad in zip(params, grads, strict=True):
             param.grad = grad / len(partition_ids)
         torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def learn_embeddings_only(
+        self, partition_ids: Sequence[int], num_rounds: int, lr: float, momentum: float
+    ) -> None:
+        """Novel clients: from now on train only their embeddings, the rest frozen.
+
+        Samples and evaluates only ``partition_ids`` (at round 0 and
+        ``num_rounds``) and steps only the embedding table; its other rows get no
+        gradient and, without weight decay, do not move.
+        """
+        self.clients = list(partition_ids)
+        self.eval_rounds = {0, num_rounds}
+        self.start_round = 0
+        self.optimizer = torch.optim.SGD([self.hnet.embeddings.weight], lr=lr, momentum=momentum)
 
     # --- checkpoints ---------------------------------------------------------
     def state_dict(self, server_round: int) -> dict[str, Any]:
@@ -189,12 +206,12 @@ class PFedHNStrategy(Strategy):
         self._discover_partitions(client_manager, server_round)
         server_round += self.start_round
         start = time.perf_counter()
-        chosen = self.rng.choice(self.num_clients, self.clients_per_round, replace=False)
-        self._sent = [int(i) for i in chosen]
+        chosen = self.rng.choice(len(self.clients), self.clients_per_round, replace=False)
+        self._sent = [self.clients[int(i)] for i in chosen]
         instructions = [
-            (self.node_of[int(i)],
-             FitIns(ndarrays_to_parameters(self.generate(int(i))), {"server-round": server_round}))
-            for i in chosen
+            (self.node_of[i],
+             FitIns(ndarrays_to_parameters(self.generate(i)), {"server-round": server_round}))
+            for i in self._sent
         ]
         self._server_time = time.perf_counter() - start
         return instructions
@@ -261,7 +278,7 @@ class PFedHNStrategy(Strategy):
         self._evaluation_start = time.perf_counter()
         return [
             (self.node_of[i], EvaluateIns(ndarrays_to_parameters(self.generate(i)), {}))
-            for i in range(self.num_clients)
+            for i in self.clients
         ]
 
     def aggregate_evaluate(
@@ -279,8 +296,15 @@ class PFedHNStrategy(Strategy):
         metrics = pooled_metrics([r.metrics for _, r in results])
         metrics["clients_evaluated"] = len(results)
         metrics["evaluation_time_s"] = time.perf_counter() - self._evaluation_start
+        per_client = {
+            int(r.metrics["partition-id"]): {
+                f"{split}_acc": r.metrics[f"{split}-correct"] / max(r.metrics[f"{split}-n"], 1)
+                for split in ("val", "test")
+            } | {"test_n": int(r.metrics["test-n"])}
+            for _, r in results
+        }
         if self.on_evaluate is not None:
-            self.on_evaluate(server_round, metrics)
+            self.on_evaluate(server_round, metrics, per_client)
         return metrics["val_loss"], metrics
 
     def evaluate(

@@ -12,6 +12,8 @@ from pFedHN.dataset import (
     dataset_spec,
     ensure_available,
     federated_data,
+    load_images,
+    load_labels,
     split_by_assignment,
 )
 from tests.conftest import TINY_MNIST
@@ -99,13 +101,14 @@ def test_present_data_passes_the_check():
     ensure_available("mnist", TINY_MNIST, download=False)
 
 
-def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=(12, 4), size=20):
+def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=(12, 4), size=20,
+                       splits=("train", "test"), step=40):
     """A small ImageFolder tree of PNGs; pixel values encode the class."""
-    for split, count in zip(("train", "test"), per_class, strict=True):
+    for split, count in zip(splits, per_class, strict=True):
         for label, name in enumerate(classes):
             (root / split / name).mkdir(parents=True)
             for k in range(count):
-                pixels = np.full((size, size, 3), 40 * label + k, dtype=np.uint8)
+                pixels = np.full((size, size, 3), step * label + k, dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{k}.png")
 
 
@@ -131,3 +134,33 @@ def test_image_folder_problems_are_named(tmp_path):
     (tmp_path / "test" / "emu").rename(tmp_path / "test" / "owl")
     with pytest.raises(DataNotFoundError, match="must be the same"):
         dataset_spec("folder", tmp_path)
+
+
+CINIC_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck")
+
+
+def test_cinic10_is_read_from_its_own_layout(tmp_path):
+    """CINIC-10's train/valid/test folders of 32x32 PNGs: train and valid pool into the
+    training set (val is cut from it), test stays the test set."""
+    write_image_folder(tmp_path, CINIC_CLASSES, per_class=(4, 3, 2), size=32,
+                       splits=("train", "valid", "test"), step=20)
+    spec = dataset_spec("cinic10", tmp_path)
+    assert (spec.num_classes, spec.in_channels, spec.image_size) == (10, 3, 32)
+    assert spec.mean == DATASETS["cinic10"].mean  # CINIC-10's own normalisation
+    train_x, train_y = load_images(spec, tmp_path, train=True)
+    test_x, test_y = load_images(spec, tmp_path, train=False)
+    assert train_x.shape == (70, 3, 32, 32) and test_x.shape == (20, 3, 32, 32)
+    assert np.array_equal(load_labels(spec, tmp_path, train=True), train_y.numpy())
+    assert np.bincount(train_y.numpy()).tolist() == [7] * 10
+    assert all(int(x[0, 0, 0]) // 20 == int(y) for x, y in zip(train_x, train_y, strict=True))
+    clients = federated_data(spec, str(tmp_path), 5, 2, 10, 0)
+    for data in clients:
+        assert len(set(data.train_y.tolist())) <= 2
+        assert set(data.test_y.tolist()) <= set(data.train_y.tolist())
+
+
+def test_cinic10_without_its_valid_folder_says_where_to_get_it(tmp_path):
+    write_image_folder(tmp_path, CINIC_CLASSES, per_class=(2, 2), size=32, step=20)
+    with pytest.raises(DataNotFoundError, match=r"valid is not a directory.*CINIC-10\.tar\.gz"):
+        dataset_spec("cinic10", tmp_path)

@@ -28,7 +28,7 @@ def test_pfedhn_pc_head_after_round_r_is_the_one_trained_in_round_r_minus_1():
         for m in client_metrics:
             fits[m["partition-id"]].append(m)
 
-    strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=lambda r, m: evaluations.append(r))
+    strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=lambda r, m, _: evaluations.append(r))
     run_simulation(
         server_app=make_server_app(strategy, cfg.num_rounds),
         client_app=make_client_app(cfg),

@@ -1,0 +1,93 @@
+"""Generalization to novel clients: only their embeddings learn; the split and the shift."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pFedHN.dataset import client_indices
+from pFedHN.main import prepare, run, run_novel, trained_strategy
+from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
+from pFedHN.novel import distribution_shift
+from pFedHN.strategy import PFedHNStrategy
+from tests.conftest import TINY_OVERRIDES, compose_config
+
+
+def test_embedding_training_moves_only_the_novel_embeddings():
+    torch.manual_seed(0)
+    hnet = CNNHyper(6, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
+    strategy = PFedHNStrategy(hnet, num_clients=6, num_rounds=10, training_clients=4)
+    assert strategy.clients == [0, 1, 2, 3]
+    frozen = copy.deepcopy(strategy.hnet.state_dict())
+    strategy.learn_embeddings_only([4, 5], num_rounds=3, lr=0.1, momentum=0.9)
+    assert strategy.clients == [4, 5] and strategy.eval_rounds == {0, 3}
+    rng = np.random.default_rng(0)
+    for i in (4, 5, 4):
+        delta = [rng.standard_normal(t.shape).astype(np.float32)
+                 for t in strategy.hnet(i).values()]
+        strategy.update([i], [delta])
+    after = strategy.hnet.state_dict()
+    for name, before in frozen.items():
+        if name != "embeddings.weight":
+            assert torch.equal(after[name], before), name  # bit for bit
+    moved = (after["embeddings.weight"] != frozen["embeddings.weight"]).any(dim=1)
+    assert moved.tolist() == [False, False, False, False, True, True]
+
+
+def labels(n, num_classes, seed):
+    return np.random.default_rng(seed).integers(0, num_classes, n)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 100.0])
+def test_dirichlet_novel_clients_leave_training_clients_alone(alpha):
+    train, test = labels(6000, 10, 1), labels(1000, 10, 2)
+    args = (train, test, 10, 12, 2, 1000, 7)
+    plain = client_indices(*args, novel=2)
+    shifted = client_indices(*args, novel=2, novel_alpha=alpha)
+    for name in ("train", "val", "test"):
+        for i in range(10):  # training clients: the very same samples
+            assert np.array_equal(plain[name][i], shifted[name][i])
+        used = np.concatenate(shifted[name][:10])
+        for j in (10, 11):
+            mine = shifted[name][j]
+            assert len(mine) > 0 and len(np.unique(mine)) == len(mine)
+            assert not np.intersect1d(mine, used).size  # never a training client's sample
+    for j in (10, 11):  # a novel client's train and val come from disjoint pools
+        assert not np.intersect1d(shifted["train"][j], shifted["val"][j]).size
+    shift = distribution_shift([train[i] for i in shifted["train"]], 10, 10)
+    if alpha < 1:
+        assert min(shift) > 0.4  # a few classes only: far from the training mix
+    else:
+        assert max(shift) < 0.25  # close to uniform, as the pooled training mix is
+
+
+def test_distribution_shift_is_the_total_variation_distance():
+    training = [np.array([0, 0, 1, 1])]  # mix (0.5, 0.5, 0)
+    novel = [np.array([2, 2]), np.array([0, 1]), np.array([0, 0, 0, 2])]
+    assert distribution_shift(training + novel, 1, 3) == pytest.approx([1.0, 0.0, 0.5])
+
+
+@pytest.mark.simulation
+def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
+    overrides = TINY_OVERRIDES + ["num_clients=6", "novel.num_clients=2", "num_rounds=60",
+                                  "eval_every=60", "client.inner_steps=20", "novel.rounds=30",
+                                  "novel.lr=0.1"]
+    trained = run(compose_config(overrides + ["novel.num_clients=2"]), tmp_path / "train")
+    novel = trained["novel_clients"]
+    assert [c["partition_id"] for c in novel["clients"]] == [6, 7]
+    assert novel["test_acc_after"] > novel["test_acc_before"] + 0.05
+    assert (tmp_path / "train" / "novel_clients.png").stat().st_size > 0
+
+    # From the finished run: the hypernetwork stays bit for bit as trained.
+    cfg = prepare(compose_config(overrides + [f"novel.from_run={tmp_path / 'train'}"]))
+    strategy = trained_strategy(cfg)
+    as_trained = copy.deepcopy(strategy.hnet.state_dict())
+    again = run_novel(cfg, strategy, tmp_path / "again", {})
+    for name, weights in strategy.hnet.state_dict().items():
+        if name == "embeddings.weight":
+            assert torch.equal(weights[:6], as_trained[name][:6])
+            assert not torch.equal(weights[6:], as_trained[name][6:])
+        else:
+            assert torch.equal(weights, as_trained[name]), name
+    assert again["novel_clients"]["test_acc_before"] == novel["test_acc_before"]
