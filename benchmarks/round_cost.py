@@ -43,12 +43,12 @@ from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
 from pFedHN.models import CNNTarget
-from pFedHN.server import build_strategy
+from pFedHN.server import build_hypernetwork, build_strategy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def tree_memory_bytes(root_pid: int) -> int:
+def tree_memory_bytes(root_pid: int, descendants: bool = True) -> int:
     """Memory of a process and all its descendants (Linux /proc).
 
     Proportional set size: pages shared between processes (torch's libraries in
@@ -74,7 +74,8 @@ def tree_memory_bytes(root_pid: int) -> int:
     while stack:
         pid = stack.pop()
         total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
+        if descendants:
+            stack.extend(children.get(pid, []))
     return total
 
 
@@ -88,11 +89,13 @@ class PeakMemory(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak = 0
+        self.peak_server = 0  # the driver process alone: the ServerApp and its hypernetwork
         self.stopped = threading.Event()
 
     def run(self) -> None:  # noqa: D102
         while not self.stopped.wait(5.0):
             self.peak = max(self.peak, tree_memory_bytes(os.getpid()))
+            self.peak_server = max(self.peak_server, tree_memory_bytes(os.getpid(), False))
 
 
 def clock(device: torch.device) -> float:
@@ -168,8 +171,10 @@ def main() -> None:
 
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" \
         else f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    hnet_size = sum(p.numel() for p in build_hypernetwork(cfg).parameters())
     print(f"setting: {cfg.dataset.data} ({cfg.dataset.root}), {cfg.num_clients} clients, "
-          f"{args.rounds} rounds, device {cfg.device} ({hardware}), torch {torch.__version__}")
+          f"{args.rounds} rounds, device {cfg.device} ({hardware}), torch {torch.__version__}; "
+          f"hypernetwork {hnet_size / 1e6:.2f} M parameters ({4 * hnet_size / 2**20:.0f} MiB)")
 
     # Plain rounds before and after the Flower run, so that a drift in the
     # machine's speed shows up instead of biasing the ratio.
@@ -214,7 +219,8 @@ def main() -> None:
           f"rest {rest:.3f} s)")
     print(f"ratio Flower / plain:         {flower['median_round_s'] / plain_round:.2f}")
     print(f"evaluation round ({cfg.num_clients} clients), median: {eval_median:.2f} s")
-    print(f"peak memory of the Flower run (process tree, PSS): {memory.peak / 2**30:.2f} GiB")
+    print(f"peak memory of the Flower run (process tree, PSS): {memory.peak / 2**30:.2f} GiB; "
+          f"server process alone: {memory.peak_server / 2**30:.2f} GiB")
     print(f"full protocol estimate (5000 rounds, {n_evals} evaluations): "
           f"{minutes(flower['median_round_s'], eval_median)}")
 

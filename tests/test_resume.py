@@ -56,6 +56,8 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     resumed = subprocess.run(main_command(broken, f"resume={broken}"), cwd=REPO,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    print(f"killed at round {killed_at}; resumed vs uninterrupted: {figures(broken)[1:]} vs "
+          f"{figures(whole)[1:]} (test_acc_at_best_val, best_round, final_test_acc)")
     assert figures(broken) == figures(whole)
     assert [e["round"] for e in figures(broken)[0]] == [0, 8, 16, 24]
 
