@@ -42,7 +42,7 @@ from pFedHN.config import data_spec, split_kwargs, target_kwargs
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
-from pFedHN.models import CNNTarget
+from pFedHN.models import make_target
 from pFedHN.server import build_hypernetwork, build_strategy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -122,7 +122,7 @@ def plain_rounds(cfg, rounds: int) -> tuple[dict[str, list[float]], torch.Tensor
     states = [RecordDict() for _ in clients]
 
     def client(i: int) -> PFedHNClient:
-        return PFedHNClient(i, clients[i], CNNTarget(**target_kwargs(cfg)), loop, cfg.seed,
+        return PFedHNClient(i, clients[i], make_target(**target_kwargs(cfg)), loop, cfg.seed,
                             cfg.model.out_dim, HeadStore(states[i]), device)
 
     rng = np.random.default_rng(cfg.seed)

@@ -21,7 +21,7 @@ from torch import nn
 from pFedHN.config import data_spec, split_kwargs, target_kwargs
 from pFedHN.dataset import ClientData, federated_data
 from pFedHN.device import configure_torch, resolve_device
-from pFedHN.models import CNNTarget, LocalLayer
+from pFedHN.models import LocalLayer, make_target
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class PFedHNClient(NumPyClient):
         self,
         partition_id: int,
         data: ClientData,
-        model: CNNTarget,
+        model: nn.Module,
         loop: InnerLoop,
         seed: int,
         out_dim: int,
@@ -201,7 +201,7 @@ class PFedHNClient(NumPyClient):
         self.loop = loop
         self.seed = seed
         self.out_dim = out_dim
-        self.local = model.fc3 is None
+        self.local = model.local
         if self.local and heads is None:
             raise ValueError("a pFedHN-PC client needs a HeadStore for its private head")
         self.heads = heads
@@ -223,7 +223,7 @@ class PFedHNClient(NumPyClient):
         """The private head and its optimizer, as this client last left them."""
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(self.seed, self.partition_id, 0, 1))
-            head = LocalLayer(84, self.out_dim).to(self.device)
+            head = LocalLayer(self.model.feature_dim, self.out_dim).to(self.device)
         optimizer = torch.optim.SGD(
             head.parameters(), lr=self.loop.lr, momentum=self.loop.momentum,
             weight_decay=self.loop.weight_decay,
@@ -323,7 +323,7 @@ def client_builder(
             cfg.checkpoint_every,
         )
         return PFedHNClient(
-            partition_id, clients[partition_id], CNNTarget(**model_kwargs),
+            partition_id, clients[partition_id], make_target(**model_kwargs),
             loop, cfg.seed, cfg.model.out_dim, heads, device,
         )
 

@@ -8,8 +8,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pFedHN.dataset import DATASETS, DatasetSpec, client_indices, dataset_spec, load_labels
+from pFedHN.dataset import (
+    DATASETS,
+    DatasetSpec,
+    dataset_spec,
+    load_labels,
+    omniglot_listing,
+    split_indices,
+)
 from pFedHN.device import resolve_device
+from pFedHN.models import TARGETS
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC"}
 
@@ -47,10 +55,13 @@ def validate(cfg: DictConfig) -> None:
             f"model.variant={cfg.model.variant}: pFedHN-PC is "
             "model.variant=1 model.local=True; pFedHN is model.variant=0 model.local=False"
         )
+    if cfg.model.target not in TARGETS:
+        _fail("model.target", cfg.model.target, f"choose one of {sorted(TARGETS)}")
     if cfg.model.in_channels != spec.in_channels:
         _fail("model.in_channels", cfg.model.in_channels,
               f"dataset.data={cfg.dataset.data} has {spec.in_channels} channel(s)")
-    if cfg.model.out_dim != spec.num_classes:
+    by_alphabet = spec.split == "alphabets"  # Omniglot: classes per client come from the data
+    if cfg.model.out_dim != spec.num_classes and not by_alphabet:
         _fail("model.out_dim", cfg.model.out_dim,
               f"dataset.data={cfg.dataset.data} has {spec.num_classes} classes")
     for key in ("num_rounds", "num_clients", "eval_every", "checkpoint_every", "model.n_kernels",
@@ -68,7 +79,7 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) < 0:
             _fail(key, OmegaConf.select(cfg, key), "expected a value >= 0")
 
-    if cfg.client.num_classes_per_node > spec.num_classes:
+    if cfg.client.num_classes_per_node > spec.num_classes and not by_alphabet:
         _fail("client.num_classes_per_node", cfg.client.num_classes_per_node,
               f"dataset.data={cfg.dataset.data} has only {spec.num_classes} classes")
     if cfg.server.clients_per_round > cfg.num_clients:
@@ -83,6 +94,9 @@ def validate(cfg: DictConfig) -> None:
         _fail("novel.num_clients", novel, "an integer >= 0")
     if cfg.novel.dirichlet_alpha is not None:
         _positive(cfg, "novel.dirichlet_alpha")
+    if by_alphabet and cfg.novel.dirichlet_alpha is not None:
+        _fail("novel.dirichlet_alpha", cfg.novel.dirichlet_alpha,
+              f"dataset.data={cfg.dataset.data} is split by alphabet; use null")
     if cfg.novel.from_run is not None and novel == 0:
         _fail("novel.from_run", cfg.novel.from_run, "needs novel.num_clients > 0")
     if cfg.server.round_timeout is not None:
@@ -140,11 +154,12 @@ def check_split(cfg: DictConfig) -> None:
     """Every client must get samples in train, val and test (reads labels only)."""
     spec = data_spec(cfg)
     train = load_labels(spec, cfg.dataset.root, train=True)
-    test = load_labels(spec, cfg.dataset.root, train=False)
-    if cfg.dataset.val_size >= len(train):
+    if spec.split == "alphabets":
+        _check_alphabet_split(cfg, spec, train)
+    elif cfg.dataset.val_size >= len(train):
         _fail("dataset.val_size", cfg.dataset.val_size,
               f"must be less than the {len(train)} training samples of {cfg.dataset.root}")
-    split = client_indices(train, test, spec.num_classes, **split_kwargs(cfg))
+    split = split_indices(spec, cfg.dataset.root, **split_kwargs(cfg))
     for name, per_client in split.items():
         empty = [i for i, idx in enumerate(per_client) if len(idx) == 0]
         if empty:
@@ -154,6 +169,20 @@ def check_split(cfg: DictConfig) -> None:
                 f"would get no {name} samples from this data; use fewer clients"
                 + (" or a larger dataset.val_size" if name == "val" else "")
             )
+
+
+def _check_alphabet_split(cfg: DictConfig, spec: DatasetSpec, labels) -> None:
+    """Omniglot: at least one alphabet per client; out_dim covers every client's characters."""
+    split = split_indices(spec, cfg.dataset.root, **split_kwargs(cfg))
+    alphabets = len(set(omniglot_listing(cfg.dataset.root)[2]))
+    if num_partitions(cfg) > alphabets:
+        _fail("num_clients", cfg.num_clients, f"dataset.data={cfg.dataset.data} has "
+              f"{alphabets} alphabets: at most one client per alphabet (novel ones included)")
+    most = max(len(set(labels[idx])) for idx in split["train"])
+    if cfg.model.out_dim < most:
+        _fail("model.out_dim", cfg.model.out_dim,
+              f"a client holds {most} characters with num_clients={cfg.num_clients}; "
+              f"use at least {most}")
 
 
 def num_partitions(cfg: DictConfig) -> int:
@@ -184,8 +213,9 @@ def data_spec(cfg: DictConfig) -> DatasetSpec:
 
 
 def target_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Arguments of CNNTarget for this config."""
+    """Arguments of ``make_target`` for this config."""
     return {
+        "name": cfg.model.target,
         "in_channels": cfg.model.in_channels,
         "n_kernels": cfg.model.n_kernels,
         "out_dim": cfg.model.out_dim,

@@ -28,6 +28,7 @@ class DatasetSpec:
     layout: str  # the files expected under dataset.root
     torchvision_class: type | None = None  # None: an image folder
     train_folders: tuple[str, ...] = ("train",)  # image folders: pooled into the training set
+    split: str = "classes"  # "classes": the authors' split; "alphabets": Omniglot's
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -57,6 +58,16 @@ DATASETS: dict[str, DatasetSpec] = {
         "<root>/{train,valid,test}/<class>/<image>.png", train_folders=("train", "valid"),
     ),
 }
+# Omniglot (torchvision): 1,623 characters of 50 alphabets, 20 drawings each, 105x105
+# resized to 28x28. Split by alphabet: client i holds the alphabets i, i+N, ... (in a
+# seeded random order; one each with the paper's 50 clients), with its characters
+# relabelled 0..C-1; each character's 20 drawings go 14/2/4 to train/val/test.
+DATASETS["omniglot"] = DatasetSpec(
+    0, 1, 28, None, None,
+    "<root>/omniglot-py/images_{background,evaluation}/<alphabet>/<character>/<image>.png",
+    datasets.Omniglot, split="alphabets",
+)
+OMNIGLOT_SHARES = (14, 2, 4)  # drawings per character for train, val, test
 DOWNLOAD_HINTS = {
     "cinic10": "Download CINIC-10.tar.gz from https://datashare.ed.ac.uk/handle/10283/3192 "
                "and extract it into dataset.root. ",
@@ -104,6 +115,14 @@ def dataset_spec(
                    image_size=image_size or spec.image_size, mean=mean, std=std)
 
 
+def _open(spec: DatasetSpec, root: Path, download: bool) -> list:
+    """The torchvision dataset objects of both halves of ``spec``'s data."""
+    if spec.split == "alphabets":
+        return [_ExtractedOmniglot(str(root), background=b, download=download)
+                for b in (True, False)]
+    return [spec.torchvision_class(str(root), train=t, download=download) for t in (True, False)]
+
+
 def ensure_available(name: str, root: str | Path, download: bool) -> None:
     """Check (or download) the dataset before any long work starts."""
     spec = DATASETS[name]
@@ -112,15 +131,13 @@ def ensure_available(name: str, root: str | Path, download: bool) -> None:
         return
     root = Path(root).expanduser().resolve()
     try:
-        for train in (True, False):
-            spec.torchvision_class(str(root), train=train, download=False)
+        _open(spec, root, download=False)
         return
     except RuntimeError as missing:
         reason = str(missing)
     if download:
         try:
-            for train in (True, False):
-                spec.torchvision_class(str(root), train=train, download=True)
+            _open(spec, root, download=True)
             return
         except Exception as error:  # noqa: BLE001 - any network/IO failure
             reason = f"download failed: {error}"
@@ -140,6 +157,8 @@ def load_images(
         parts = [_load_folder(Path(root) / folder, spec.image_size)
                  for folder in (spec.train_folders if train else ("test",))]
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+    if spec.split == "alphabets":  # one pool of drawings; the split picks train and test
+        return _load_omniglot(str(root), spec.image_size)
     ds = spec.torchvision_class(str(root), train=train, download=False)
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # MNIST: N x H x W
@@ -160,6 +179,71 @@ def _load_folder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Ten
         images[i] = np.asarray(image)
     return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
             torch.tensor(listing.targets, dtype=torch.long))
+
+
+class _ExtractedOmniglot(datasets.Omniglot):
+    """torchvision's Omniglot, accepting the extracted folders without their zip files."""
+
+    def _check_integrity(self) -> bool:
+        return Path(self.root, self._get_target_folder()).is_dir() or super()._check_integrity()
+
+
+@functools.lru_cache(maxsize=2)
+def omniglot_listing(root: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Every drawing's path and character, and every character's alphabet.
+
+    Characters are numbered across both halves (background, then evaluation),
+    alphabets likewise.
+    """
+    paths, labels, alphabet_of = [], [], []
+    alphabets: dict[str, int] = {}
+    for half in _open(DATASETS["omniglot"], Path(root), download=False):
+        first = len(alphabet_of)
+        for character in half._characters:  # "<alphabet>/<character>"
+            name = f"{half.background}/{character.split('/')[0]}"
+            alphabet_of.append(alphabets.setdefault(name, len(alphabets)))
+        for image, character in half._flat_character_images:
+            paths.append(str(Path(half.target_folder, half._characters[character], image)))
+            labels.append(first + character)
+    return paths, np.asarray(labels), np.asarray(alphabet_of)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_omniglot(root: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All drawings, decoded once, as uint8 1 x size x size, with their characters."""
+    paths, labels, _ = omniglot_listing(root)
+    images = np.empty((len(paths), 1, image_size, image_size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            images[i, 0] = np.asarray(image.convert("L").resize((image_size, image_size),
+                                                                Image.BILINEAR))
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def alphabet_indices(
+    labels: np.ndarray, alphabet_of: np.ndarray, num_clients: int, seed: int
+) -> dict[str, list[np.ndarray]]:
+    """Omniglot's split: whole alphabets per client.
+
+    Each character's drawings are shared 14/2/4 among train, val and test
+    (indices into the one pool of drawings).
+    """
+    rng = np.random.default_rng(seed)
+    owner = np.empty(alphabet_of.max() + 1, dtype=int)
+    owner[rng.permutation(len(owner))] = np.arange(len(owner)) % num_clients
+    split: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in range(num_clients)]
+                                                for n in ("train", "val", "test")}
+    ends = np.cumsum(OMNIGLOT_SHARES)
+    for character in range(len(alphabet_of)):
+        drawings = rng.permutation(np.flatnonzero(labels == character))
+        scale = len(drawings) / ends[-1]  # 20 drawings as published; any count works
+        cuts = np.round(ends[:-1] * scale).astype(int)
+        client = owner[alphabet_of[character]]
+        for name, part in zip(split, np.split(drawings, cuts), strict=True):
+            split[name][client].append(part)
+    return {name: [np.concatenate(parts) if parts else np.array([], dtype=int)
+                   for parts in per_client]
+            for name, per_client in split.items()}
 
 
 @dataclass(frozen=True)
@@ -314,12 +398,33 @@ def redraw_dirichlet(
 
 def load_labels(spec: DatasetSpec, root: str | Path, train: bool) -> np.ndarray:
     """A split's labels, without decoding an image folder's images."""
+    if spec.split == "alphabets":
+        return omniglot_listing(str(root))[1]
     if spec.torchvision_class is None:
         return np.concatenate([
             np.asarray(datasets.ImageFolder(str(Path(root) / folder)).targets)
             for folder in (spec.train_folders if train else ("test",))
         ])
     return np.asarray(spec.torchvision_class(str(root), train=train, download=False).targets)
+
+
+def split_indices(
+    spec: DatasetSpec,
+    root: str | Path,
+    num_clients: int,
+    classes_per_client: int,
+    val_size: int,
+    seed: int,
+    novel: int = 0,
+    novel_alpha: float | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """Each client's sample indices per split, for any dataset (reads labels only)."""
+    if spec.split == "alphabets":
+        _, labels, alphabet_of = omniglot_listing(str(root))
+        return alphabet_indices(labels, alphabet_of, num_clients, seed)
+    return client_indices(load_labels(spec, root, train=True), load_labels(spec, root, train=False),
+                          spec.num_classes, num_clients, classes_per_client, val_size, seed,
+                          novel, novel_alpha)
 
 
 @functools.lru_cache(maxsize=1)
@@ -334,11 +439,14 @@ def federated_data(
     novel_alpha: float | None = None,
     device: str = "cpu",
 ) -> tuple[ClientData, ...]:
-    """Every client's data, built once per process (cached) from one seed, on ``device``."""
+    """Every client's data, built once per process (cached) from one seed, on ``device``.
+
+    With Omniglot's split, each client's characters are relabelled 0..C-1.
+    """
     train_x, train_y = load_images(spec, root, train=True)
     test_x, test_y = load_images(spec, root, train=False)
-    split = client_indices(train_y.numpy(), test_y.numpy(), spec.num_classes, num_clients,
-                           classes_per_client, val_size, seed, novel, novel_alpha)
+    split = split_indices(spec, root, num_clients, classes_per_client, val_size, seed,
+                          novel, novel_alpha)
     if spec.mean is None or spec.std is None:  # measured on the training images
         pixels = train_x.float().div_(255.0).transpose(0, 1).flatten(1)
         mean, std = pixels.mean(1), pixels.std(1)
@@ -353,5 +461,9 @@ def federated_data(
             idx = torch.from_numpy(split[name][i])
             parts[f"{name}_x"] = x[idx].contiguous()
             parts[f"{name}_y"] = y[idx].contiguous()
+        if spec.split == "alphabets":  # local labels: the client's own characters, in order
+            characters = parts["train_y"].unique()
+            for name in ("train", "val", "test"):
+                parts[f"{name}_y"] = torch.searchsorted(characters, parts[f"{name}_y"])
         clients.append(ClientData(**parts, mean=mean, std=std).to(device))
     return tuple(clients)

@@ -27,7 +27,7 @@ from pFedHN.config import (
     split_kwargs,
     validate,
 )
-from pFedHN.dataset import DataNotFoundError, client_indices, ensure_available, load_labels
+from pFedHN.dataset import DataNotFoundError, ensure_available, load_labels, split_indices
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.novel import distribution_shift, novel_summary, plot_novel
 from pFedHN.results import RunRecorder, write_json_atomic
@@ -177,10 +177,9 @@ def run_novel(cfg: DictConfig, strategy: PFedHNStrategy, run_dir: Path, results:
 
     spec = data_spec(cfg)
     train_labels = load_labels(spec, cfg.dataset.root, train=True)
-    split = client_indices(train_labels, load_labels(spec, cfg.dataset.root, train=False),
-                           spec.num_classes, **split_kwargs(cfg))
+    split = split_indices(spec, cfg.dataset.root, **split_kwargs(cfg))
     shifts = distribution_shift([train_labels[i] for i in split["train"]], cfg.num_clients,
-                                spec.num_classes)
+                                int(train_labels.max()) + 1)
     settings = {"rounds": cfg.novel.rounds, "lr": cfg.novel.lr,
                 "dirichlet_alpha": cfg.novel.dirichlet_alpha,
                 "from_run": cfg.novel.from_run}

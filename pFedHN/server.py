@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from pFedHN.config import num_partitions, target_kwargs
 from pFedHN.device import resolve_device
-from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
+from pFedHN.models import CNNHyper, make_target, parameter_shapes
 from pFedHN.strategy import PFedHNStrategy
 
 
@@ -46,7 +46,7 @@ class PFedHNServer(Server):
 def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
     """CNNHyper for this config, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    target_shapes = parameter_shapes(CNNTarget(**target_kwargs(cfg)))
+    target_shapes = parameter_shapes(make_target(**target_kwargs(cfg)))
     return CNNHyper(
         num_partitions(cfg), target_shapes, embedding_dim=cfg.model.embed_dim,
         hidden_dim=cfg.model.hidden_dim, n_hidden=cfg.model.n_hidden,
