@@ -151,6 +151,7 @@ class PFedHNStrategy(Strategy):
         gradient and, without weight decay, do not move.
         """
         self.clients = list(partition_ids)
+        self.clients_per_round = min(self.clients_per_round, len(self.clients))
         self.eval_rounds = {0, num_rounds}
         self.start_round = 0
         self.optimizer = torch.optim.SGD([self.hnet.embeddings.weight], lr=lr, momentum=momentum)
