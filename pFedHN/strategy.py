@@ -109,6 +109,7 @@ class PFedHNStrategy(Strategy):
         self.on_evaluate = on_evaluate
         self.node_of: dict[int, ClientProxy] = {}  # partition id -> node
         self.partition_of: dict[str, int] = {}  # node id (cid) -> partition id
+        self._nodes_of_run: ClientManager | None = None  # the run node_of belongs to
         self.start_round = 0  # > 0 when resumed: Flower counts rounds from 1 again
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
         self._sent: list[int] = []  # partitions asked to train this round
@@ -175,7 +176,10 @@ class PFedHNStrategy(Strategy):
 
     # --- Flower plumbing (``server_round`` is Flower's count) -----------------
     def _discover_partitions(self, client_manager: ClientManager, server_round: int) -> None:
-        """Learn which partition each node holds (once; Flower's own protocol)."""
+        """Learn which partition each node holds (once per run; Flower's own protocol)."""
+        if client_manager is not self._nodes_of_run:  # a new Flower run: new nodes
+            self.node_of, self.partition_of = {}, {}
+            self._nodes_of_run = client_manager
         if len(self.node_of) == self.num_clients:
             return
         client_manager.wait_for(self.num_clients)

@@ -70,17 +70,19 @@ def test_distribution_shift_is_the_total_variation_distance():
 
 @pytest.mark.simulation
 def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
-    overrides = TINY_OVERRIDES + ["num_clients=6", "novel.num_clients=2", "num_rounds=60",
-                                  "eval_every=60", "client.inner_steps=20", "novel.rounds=30",
-                                  "novel.lr=0.1"]
-    trained = run(compose_config(overrides + ["novel.num_clients=2"]), tmp_path / "train")
+    overrides = TINY_OVERRIDES + ["num_clients=6", "novel.num_clients=2", "num_rounds=200",
+                                  "eval_every=200", "client.inner_steps=20", "novel.rounds=40",
+                                  "novel.lr=0.05"]
+    trained = run(compose_config(overrides), tmp_path / "train")
     novel = trained["novel_clients"]
     assert [c["partition_id"] for c in novel["clients"]] == [6, 7]
-    assert novel["test_acc_after"] > novel["test_acc_before"] + 0.05
+    # measured: 0.09 before, 0.66 after (one seed)
+    assert novel["test_acc_after"] > novel["test_acc_before"] + 0.2
     assert (tmp_path / "train" / "novel_clients.png").stat().st_size > 0
 
     # From the finished run: the hypernetwork stays bit for bit as trained.
-    cfg = prepare(compose_config(overrides + [f"novel.from_run={tmp_path / 'train'}"]))
+    cfg = prepare(compose_config(overrides + [f"novel.from_run={tmp_path / 'train'}",
+                                              "novel.rounds=4"]))
     strategy = trained_strategy(cfg)
     as_trained = copy.deepcopy(strategy.hnet.state_dict())
     again = run_novel(cfg, strategy, tmp_path / "again", {})
