@@ -314,9 +314,15 @@ def collect(run_dir: Path, runs_dir: Path, name: str) -> Path:
     target = runs_dir / name
     target.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    cfg.dataset.root = Path(cfg.dataset.root).name  # no paths of this machine
+    results = json.loads((run_dir / "results.json").read_text())
+    # No paths of this machine: only the last part of each.
+    for key in ("dataset.root", "resume", "novel.from_run"):
+        if OmegaConf.select(cfg, key) is not None:
+            OmegaConf.update(cfg, key, Path(OmegaConf.select(cfg, key)).name)
+    if results.get("novel_clients", {}).get("from_run"):
+        results["novel_clients"]["from_run"] = Path(results["novel_clients"]["from_run"]).name
     (target / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (target / "results.json").write_text((run_dir / "results.json").read_text())
+    write_json_atomic(target / "results.json", results)
     return target
 
 

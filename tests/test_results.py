@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 
 from pFedHN.results import END, START, main, summarize
 from tests.conftest import REPO
@@ -51,9 +52,13 @@ def test_table_is_regenerated_from_the_summaries_and_is_stable(workspace):
 def test_collect_copies_a_summary_without_machine_paths(tmp_path, workspace):
     readme, static = workspace
     run_dir = static / "runs" / "tiny_mnist_pfedhn"
+    config = OmegaConf.load(run_dir / "config.yaml")
+    config.resume = f"{tmp_path}/runs/r1"  # a resumed run names its directory
+    OmegaConf.save(config, run_dir / "config.yaml")
     main(["--readme", str(readme), "--static", str(static), "--collect", str(run_dir), "copy"])
     copied = (static / "runs" / "copy" / "config.yaml").read_text()
-    assert "root: tiny_mnist\n" in copied
+    assert "root: tiny_mnist\n" in copied and "resume: r1\n" in copied
+    assert str(tmp_path) not in copied
     assert sum("tiny_mnist_pfedhn" in line or "`_static/runs/copy`" in line
                for line in readme.read_text().splitlines()) == 2
 
