@@ -147,6 +147,10 @@ class CNNHyper(nn.Module):
              for name, shape in self.target_shapes.items()}
         )
 
+    def shapes(self, partition_id: int) -> OrderedDict[str, torch.Size]:
+        """The tensors ``forward`` returns: the same for every client."""
+        return self.target_shapes
+
     def forward(self, partition_id: int) -> OrderedDict[str, torch.Tensor]:
         """Generate theta_i, the named weights of client ``partition_id``."""
         v_i = self.embeddings.weight[partition_id]
@@ -155,6 +159,59 @@ class CNNHyper(nn.Module):
             (name, self.heads[_key(name)](features).view(shape))
             for name, shape in self.target_shapes.items()
         )
+
+
+class MHHyper(nn.Module):
+    """MH-pFedHN's hypernetwork: clients of any architecture, known only by their size.
+
+    Client i with K_i parameters owns an embedding matrix of ceil(K_i / C) rows
+    (d wide, initialised N(0, 0.002^2)), one row per chunk of C outputs. A shared
+    trunk maps every row to 128 features; a head per chunk count, one linear
+    map to C outputs per chunk position, turns the rows into chunks, which are
+    concatenated and cut to K_i. Clients with the same chunk count share a head.
+    A head's linear maps are stored as one (n, C, 128) tensor, the same maps
+    batched.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        chunk_size: int = 3072,
+        embedding_dim: int = 64,
+        hidden_dim: int = 128,
+        n_hidden: int = 2,
+    ) -> None:
+        super().__init__()
+        self.sizes, self.chunk_size = list(sizes), chunk_size
+        self.chunks = [-(-k // chunk_size) for k in self.sizes]  # ceil
+        self.embeddings = nn.ParameterList(
+            nn.Parameter(torch.randn(n, embedding_dim) * 0.002) for n in self.chunks
+        )
+        layers: list[nn.Module] = [nn.Linear(embedding_dim, hidden_dim), nn.ReLU()]
+        for _ in range(n_hidden):
+            layers += [nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
+        bound = hidden_dim ** -0.5  # nn.Linear's initialisation
+        self.head_weights = nn.ParameterDict({
+            str(n): nn.Parameter(torch.empty(n, chunk_size, hidden_dim).uniform_(-bound, bound))
+            for n in sorted(set(self.chunks))
+        })
+        self.head_biases = nn.ParameterDict({
+            str(n): nn.Parameter(torch.empty(n, chunk_size).uniform_(-bound, bound))
+            for n in sorted(set(self.chunks))
+        })
+
+    def shapes(self, partition_id: int) -> OrderedDict[str, torch.Size]:
+        """What ``forward`` returns for this client: its K_i parameters, flat."""
+        return OrderedDict(theta=torch.Size([self.sizes[partition_id]]))
+
+    def forward(self, partition_id: int) -> OrderedDict[str, torch.Tensor]:
+        """theta_i as one flat vector; the client alone knows how to shape it."""
+        n = str(self.chunks[partition_id])
+        features = self.trunk(self.embeddings[partition_id])  # n x hidden
+        chunks = torch.einsum("nh,nch->nc", features, self.head_weights[n]) \
+            + self.head_biases[n]
+        return OrderedDict(theta=chunks.flatten()[: self.sizes[partition_id]])
 
 
 def _key(name: str) -> str:

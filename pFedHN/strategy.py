@@ -26,7 +26,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from pFedHN.models import CNNHyper
+from pFedHN.models import CNNHyper, MHHyper
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class PFedHNStrategy(Strategy):
 
     def __init__(
         self,
-        hnet: CNNHyper,
+        hnet: CNNHyper | MHHyper,
         num_clients: int,
         num_rounds: int,
         eval_every: int = 30,
@@ -135,9 +135,11 @@ class PFedHNStrategy(Strategy):
             thetas += theta.values()
             deltas += [torch.from_numpy(d).to(self.device) for d in delta_theta]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grads = torch.autograd.grad(thetas, params, grad_outputs=deltas)
+        # Unused parameters (MH-pFedHN: other clients' embeddings and heads) get no
+        # gradient, so the optimizer leaves them alone, weight decay included.
+        grads = torch.autograd.grad(thetas, params, grad_outputs=deltas, allow_unused=True)
         for param, grad in zip(params, grads, strict=True):
-            param.grad = grad / len(partition_ids)
+            param.grad = None if grad is None else grad / len(partition_ids)
         torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -155,7 +157,8 @@ class PFedHNStrategy(Strategy):
         self.clients_per_round = min(self.clients_per_round, len(self.clients))
         self.eval_rounds = {0, num_rounds}
         self.start_round = 0
-        self.optimizer = torch.optim.SGD([self.hnet.embeddings.weight], lr=lr, momentum=momentum)
+        self.optimizer = torch.optim.SGD(self.hnet.embeddings.parameters(), lr=lr,
+                                         momentum=momentum)
 
     # --- checkpoints ---------------------------------------------------------
     def state_dict(self, server_round: int) -> dict[str, Any]:
@@ -240,7 +243,7 @@ class PFedHNStrategy(Strategy):
         for proxy, res in results:
             partition_id = self.partition_of[proxy.cid]
             delta_theta = parameters_to_ndarrays(res.parameters)
-            problem = self.check_delta(delta_theta)
+            problem = self.check_delta(delta_theta, partition_id)
             if problem is None:
                 accepted[partition_id] = delta_theta
             else:
@@ -261,12 +264,13 @@ class PFedHNStrategy(Strategy):
                         {"server-time-s": server_time, "rejected": rejected})
         return NO_PARAMETERS, {}
 
-    def check_delta(self, delta_theta: list[np.ndarray]) -> str | None:
+    def check_delta(self, delta_theta: list[np.ndarray], partition_id: int) -> str | None:
         """Why a client's delta_theta cannot be used, or None when it can."""
-        shapes = list(self.hnet.target_shapes.values())
+        expected = self.hnet.shapes(partition_id)
+        shapes = list(expected.values())
         if len(delta_theta) != len(shapes):
             return f"{len(delta_theta)} tensors, expected {len(shapes)}"
-        for name, delta, shape in zip(self.hnet.target_shapes, delta_theta, shapes, strict=True):
+        for name, delta, shape in zip(expected, delta_theta, shapes, strict=True):
             if tuple(delta.shape) != tuple(shape):
                 return f"{name} has shape {tuple(delta.shape)}, expected {tuple(shape)}"
             if not np.isfinite(delta).all():

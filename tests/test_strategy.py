@@ -25,11 +25,13 @@ def reference_step(hnet, partition_ids, deltas, buffers):
         for i, delta in zip(partition_ids, deltas, strict=True)
     ) / len(partition_ids)
     params = list(hnet.parameters())
-    grads = torch.autograd.grad(objective, params)
-    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    grads = torch.autograd.grad(objective, params, allow_unused=True)  # None: not used
+    norm = torch.sqrt(sum(g.square().sum() for g in grads if g is not None))
     scale = min(1.0, CLIP / (float(norm) + 1e-6))
     with torch.no_grad():
         for k, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if g is None:
+                continue  # untouched, weight decay included
             d_p = g * scale + WD * p
             buffers[k] = d_p.clone() if buffers[k] is None else MOMENTUM * buffers[k] + d_p
             p -= LR * buffers[k]
