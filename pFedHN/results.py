@@ -66,6 +66,8 @@ class RunRecorder:
         self.round_times: list[dict[str, float]] = []
         self.failed_rounds: list[int] = []  # rounds without a hypernetwork update
         self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason
+        self.bytes = {"training_sent": 0, "training_received": 0, "evaluation_sent": 0}
+        self.last_round_bytes = {"sent": 0, "received": 0}
         self.start = time.perf_counter()
         self.earlier_wall_time_s = 0.0  # of the sessions before a resume
         self.environment = environment()
@@ -82,6 +84,10 @@ class RunRecorder:
                 "server_s": server_metrics.get("server-time-s", 0.0),
             })
         self._last_round_end = now
+        self.last_round_bytes = {"sent": server_metrics.get("bytes-sent", 0),
+                                 "received": server_metrics.get("bytes-received", 0)}
+        self.bytes["training_sent"] += self.last_round_bytes["sent"]
+        self.bytes["training_received"] += self.last_round_bytes["received"]
         for rejected in server_metrics.get("rejected", []):
             self.client_failures.append({"round": server_round, **rejected})
         if not client_metrics:
@@ -93,6 +99,7 @@ class RunRecorder:
     ) -> None:
         """An evaluation of every client finished: record, save, plot (pooled figures)."""
         record = {"round": server_round, **metrics, "wall_time_s": self.wall_time_s()}
+        self.bytes["evaluation_sent"] += metrics.get("bytes_sent", 0)
         self.evaluations.append(record)
         log.info("round %d: val_acc=%.4f test_acc=%.4f (clients %.4f-%.4f) val_loss=%.4f",
                  server_round, metrics["val_acc"], metrics["test_acc"],
@@ -108,7 +115,7 @@ class RunRecorder:
         """The history a resumed run continues from."""
         return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
                 "client_failures": self.client_failures, "rounds_completed": self.progress.n,
-                "wall_time_s": self.wall_time_s()}
+                "wall_time_s": self.wall_time_s(), "bytes": self.bytes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the history of an interrupted run."""
@@ -116,6 +123,7 @@ class RunRecorder:
         self.failed_rounds = list(state["failed_rounds"])
         self.client_failures = list(state["client_failures"])
         self.earlier_wall_time_s = state["wall_time_s"]
+        self.bytes = dict(state.get("bytes", self.bytes))  # older checkpoints: from zero
         self.progress.update(state["rounds_completed"])
 
     def wall_time_s(self) -> float:
@@ -139,6 +147,8 @@ class RunRecorder:
             "failed_rounds": self.failed_rounds,
             "client_failures": self.client_failures,
             "timing": self.timing(),
+            "communication": {f"{k}_bytes": v for k, v in self.bytes.items()}
+            | {f"last_training_round_{k}_bytes": v for k, v in self.last_round_bytes.items()},
             "environment": self.environment,
             "evaluations": self.evaluations,
         })

@@ -56,6 +56,11 @@ def pooled_metrics(results: Sequence[dict[str, Scalar]]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
+def payload_bytes(parameters: Parameters) -> int:
+    """Bytes of the serialised arrays a message carries (Flower's protocol overhead aside)."""
+    return sum(len(tensor) for tensor in parameters.tensors)
+
+
 def _describe(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
     """One short line: the last line of a client's traceback says what went wrong."""
     if isinstance(failure, BaseException):
@@ -112,6 +117,7 @@ class PFedHNStrategy(Strategy):
         self._nodes_of_run: ClientManager | None = None  # the run node_of belongs to
         self.start_round = 0  # > 0 when resumed: Flower counts rounds from 1 again
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
+        self._bytes_sent = 0  # serialised arrays sent to this round's clients
         self._sent: list[int] = []  # partitions asked to train this round
         self._evaluation_start = 0.0
 
@@ -222,6 +228,7 @@ class PFedHNStrategy(Strategy):
             for i in self._sent
         ]
         self._server_time = time.perf_counter() - start
+        self._bytes_sent = sum(payload_bytes(ins.parameters) for _, ins in instructions)
         return instructions
 
     def aggregate_fit(
@@ -261,7 +268,9 @@ class PFedHNStrategy(Strategy):
         if self.on_fit is not None:
             self.on_fit(server_round,
                         [r.metrics for p, r in results if self.partition_of[p.cid] in accepted],
-                        {"server-time-s": server_time, "rejected": rejected})
+                        {"server-time-s": server_time, "rejected": rejected,
+                         "bytes-sent": self._bytes_sent,
+                         "bytes-received": sum(payload_bytes(r.parameters) for _, r in results)})
         return NO_PARAMETERS, {}
 
     def check_delta(self, delta_theta: list[np.ndarray], partition_id: int) -> str | None:
@@ -285,10 +294,12 @@ class PFedHNStrategy(Strategy):
             return []
         self._discover_partitions(client_manager, server_round)
         self._evaluation_start = time.perf_counter()
-        return [
+        instructions = [
             (self.node_of[i], EvaluateIns(ndarrays_to_parameters(self.generate(i)), {}))
             for i in self.clients
         ]
+        self._bytes_sent = sum(payload_bytes(ins.parameters) for _, ins in instructions)
+        return instructions
 
     def aggregate_evaluate(
         self,
@@ -305,6 +316,7 @@ class PFedHNStrategy(Strategy):
         metrics = pooled_metrics([r.metrics for _, r in results])
         metrics["clients_evaluated"] = len(results)
         metrics["evaluation_time_s"] = time.perf_counter() - self._evaluation_start
+        metrics["bytes_sent"] = self._bytes_sent  # the clients answer with metrics only
         per_client = {
             int(r.metrics["partition-id"]): {
                 f"{split}_acc": r.metrics[f"{split}-correct"] / max(r.metrics[f"{split}-n"], 1)

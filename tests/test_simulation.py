@@ -6,11 +6,13 @@ import sys
 from collections import defaultdict
 
 import pytest
+from flwr.common import ndarrays_to_parameters
 from flwr.simulation import run_simulation
 
 from pFedHN.client import make_client_app
 from pFedHN.main import prepare
 from pFedHN.server import build_strategy, make_server_app
+from pFedHN.strategy import payload_bytes
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 
 pytestmark = pytest.mark.simulation
@@ -67,5 +69,12 @@ def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
     assert results["rounds_completed"] == 60 and results["wall_time_s"] > 0
     assert last["clients_evaluated"] == 5
     assert 0 <= last["test_acc_min"] <= last["test_acc"] <= last["test_acc_max"] <= 1
+    # Communication: theta_i out and delta_theta back, same arrays, every round.
+    strategy = build_strategy(compose_config(TINY_OVERRIDES + ["num_clients=5"]))
+    theta_bytes = payload_bytes(ndarrays_to_parameters(strategy.generate(0)))
+    traffic = results["communication"]
+    assert traffic["last_training_round_sent_bytes"] == theta_bytes
+    assert traffic["training_received_bytes"] == traffic["training_sent_bytes"] == 60 * theta_bytes
+    assert traffic["evaluation_sent_bytes"] == 4 * 5 * theta_bytes  # 4 evaluations, 5 clients
     for name in ("accuracy.png", "config.yaml", "main.log"):
         assert (run_dir / name).stat().st_size > 0
