@@ -154,12 +154,13 @@ def check_split(cfg: DictConfig) -> None:
     """Every client must get samples in train, val and test (reads labels only)."""
     spec = data_spec(cfg)
     train = load_labels(spec, cfg.dataset.root, train=True)
-    if spec.split == "alphabets":
-        _check_alphabet_split(cfg, spec, train)
-    elif cfg.dataset.val_size >= len(train):
+    if spec.split != "alphabets" and cfg.dataset.val_size >= len(train):
         _fail("dataset.val_size", cfg.dataset.val_size,
               f"must be less than the {len(train)} training samples of {cfg.dataset.root}")
-    split = split_indices(spec, cfg.dataset.root, **split_kwargs(cfg))
+    split = split_indices(spec, cfg.dataset.root, train,
+                          load_labels(spec, cfg.dataset.root, train=False), **split_kwargs(cfg))
+    if spec.split == "alphabets":
+        _check_alphabet_split(cfg, train, split)
     for name, per_client in split.items():
         empty = [i for i, idx in enumerate(per_client) if len(idx) == 0]
         if empty:
@@ -171,9 +172,8 @@ def check_split(cfg: DictConfig) -> None:
             )
 
 
-def _check_alphabet_split(cfg: DictConfig, spec: DatasetSpec, labels) -> None:
+def _check_alphabet_split(cfg: DictConfig, labels, split: dict) -> None:
     """Omniglot: at least one alphabet per client; out_dim covers every client's characters."""
-    split = split_indices(spec, cfg.dataset.root, **split_kwargs(cfg))
     alphabets = len(set(omniglot_listing(cfg.dataset.root)[2]))
     if num_partitions(cfg) > alphabets:
         _fail("num_clients", cfg.num_clients, f"dataset.data={cfg.dataset.data} has "

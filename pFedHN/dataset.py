@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -411,20 +412,19 @@ def load_labels(spec: DatasetSpec, root: str | Path, train: bool) -> np.ndarray:
 def split_indices(
     spec: DatasetSpec,
     root: str | Path,
-    num_clients: int,
-    classes_per_client: int,
-    val_size: int,
-    seed: int,
-    novel: int = 0,
-    novel_alpha: float | None = None,
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    **split: Any,
 ) -> dict[str, list[np.ndarray]]:
-    """Each client's sample indices per split, for any dataset (reads labels only)."""
-    if spec.split == "alphabets":
-        _, labels, alphabet_of = omniglot_listing(str(root))
-        return alphabet_indices(labels, alphabet_of, num_clients, seed)
-    return client_indices(load_labels(spec, root, train=True), load_labels(spec, root, train=False),
-                          spec.num_classes, num_clients, classes_per_client, val_size, seed,
-                          novel, novel_alpha)
+    """Each client's sample indices per split, for any dataset.
+
+    Takes the labels the caller has already read; ``split``: the keyword
+    arguments of ``client_indices``.
+    """
+    if spec.split == "alphabets":  # one pool of drawings: train_labels
+        return alphabet_indices(train_labels, omniglot_listing(str(root))[2],
+                                split["num_clients"], split["seed"])
+    return client_indices(train_labels, test_labels, spec.num_classes, **split)
 
 
 @functools.lru_cache(maxsize=1)
@@ -445,8 +445,9 @@ def federated_data(
     """
     train_x, train_y = load_images(spec, root, train=True)
     test_x, test_y = load_images(spec, root, train=False)
-    split = split_indices(spec, root, num_clients, classes_per_client, val_size, seed,
-                          novel, novel_alpha)
+    split = split_indices(spec, root, train_y.numpy(), test_y.numpy(), num_clients=num_clients,
+                          classes_per_client=classes_per_client, val_size=val_size, seed=seed,
+                          novel=novel, novel_alpha=novel_alpha)
     if spec.mean is None or spec.std is None:  # measured on the training images
         pixels = train_x.float().div_(255.0).transpose(0, 1).flatten(1)
         mean, std = pixels.mean(1), pixels.std(1)

@@ -177,7 +177,8 @@ def run_novel(cfg: DictConfig, strategy: PFedHNStrategy, run_dir: Path, results:
 
     spec = data_spec(cfg)
     train_labels = load_labels(spec, cfg.dataset.root, train=True)
-    split = split_indices(spec, cfg.dataset.root, **split_kwargs(cfg))
+    split = split_indices(spec, cfg.dataset.root, train_labels,
+                          load_labels(spec, cfg.dataset.root, train=False), **split_kwargs(cfg))
     shifts = distribution_shift([train_labels[i] for i in split["train"]], cfg.num_clients,
                                 int(train_labels.max()) + 1)
     settings = {"rounds": cfg.novel.rounds, "lr": cfg.novel.lr,
