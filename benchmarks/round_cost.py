@@ -37,7 +37,7 @@ from flwr.app import RecordDict
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from pFedHN.client import HeadStore, InnerLoop, PFedHNClient
+from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import data_spec, split_kwargs, target_kwargs
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
@@ -123,7 +123,7 @@ def plain_rounds(cfg, rounds: int) -> tuple[dict[str, list[float]], torch.Tensor
 
     def client(i: int) -> PFedHNClient:
         return PFedHNClient(i, clients[i], make_target(**target_kwargs(cfg)), loop, cfg.seed,
-                            cfg.model.out_dim, HeadStore(states[i]), device)
+                            cfg.model.out_dim, LocalStore(states[i]), device)
 
     rng = np.random.default_rng(cfg.seed)
     times: dict[str, list[float]] = {"round": [], "client": [], "server": [], "evaluation": []}

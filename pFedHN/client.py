@@ -18,10 +18,18 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pFedHN.config import data_spec, split_kwargs, target_kwargs
+from pFedHN.config import (
+    client_architectures,
+    data_spec,
+    has_global_model,
+    is_multi_head,
+    split_kwargs,
+    target_kwargs,
+)
 from pFedHN.dataset import ClientData, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.models import LocalLayer, make_target
+from pFedHN.zoo import make_client_model
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class InnerLoop:
     momentum: float = 0.9
     weight_decay: float = 5e-5
     clip_norm: float = 50.0
+    epochs: int | None = None  # set: passes over the local data instead of ``steps`` (MH-pFedHN)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> InnerLoop:
@@ -42,14 +51,56 @@ class InnerLoop:
             steps=cfg.client.inner_steps, batch_size=cfg.client.batch_size,
             lr=cfg.client.inner_lr, momentum=cfg.client.inner_momentum,
             weight_decay=cfg.client.inner_wd, clip_norm=cfg.client.clip_norm,
+            epochs=cfg.client.epochs,
         )
+
+    def batches(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+        """A round's sample indices, drawn up front, and the batch sizes to cut them into.
+
+        ``steps`` batches, each a fresh random draw (pFedHN), or ``epochs``
+        shuffled passes with a smaller last batch (MH-pFedHN's local loader).
+        """
+        if self.epochs is None:
+            order = [torch.randperm(n, generator=generator)[: self.batch_size]
+                     for _ in range(self.steps)]
+            return torch.cat(order), [min(self.batch_size, n)] * self.steps
+        full, rest = divmod(n, self.batch_size)
+        sizes = [self.batch_size] * full + ([rest] if rest else [])
+        order = [torch.randperm(n, generator=generator) for _ in range(self.epochs)]
+        return torch.cat(order), sizes * self.epochs
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """MH-pFedHNGD's personalised loss: alpha T^2 KL(global || student) + (1 - alpha) CE.
+
+    Both softened by the temperature T (Hinton et al.'s knowledge distillation;
+    torch's ``kl_div`` takes the student's log-probabilities and the teacher's).
+    """
+
+    alpha: float = 0.2
+    temperature: float = 15.0
+
+    def loss(
+        self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss of one batch."""
+        t = self.temperature
+        kl = nn.functional.kl_div(
+            nn.functional.log_softmax(logits / t, dim=1),
+            nn.functional.log_softmax(teacher_logits / t, dim=1),
+            reduction="batchmean", log_target=True,
+        )
+        return self.alpha * t * t * kl + (1 - self.alpha) * nn.functional.cross_entropy(
+            logits, labels)
 
 
 def derive_seed(*keys: int) -> int:
     """A seed from non-negative keys, the same in every process.
 
-    (seed, partition, round) seeds a client's inner loop in a round;
-    (seed, partition, 0, 1) seeds its pFedHN-PC head.
+    (seed, partition, round) seeds a client's inner loop in a round,
+    (seed, partition, round, 2) its MH-pFedHNGD global phase, and
+    (seed, partition, 0, 1) its pFedHN-PC head.
     """
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
@@ -61,31 +112,39 @@ def train_inner_loop(
     generator: torch.Generator,
     head: LocalLayer | None = None,
     head_optimizer: torch.optim.Optimizer | None = None,
+    teacher: nn.Module | None = None,
+    distillation: Distillation | None = None,
 ) -> dict[str, float]:
-    """Run ``loop.steps`` SGD steps, each on a fresh random batch; return metrics.
+    """Run the round's SGD steps (``InnerLoop.batches``); return metrics.
 
     A fresh SGD optimizer each round (the authors'); pFedHN-PC's head keeps its
-    own optimizer, whose momentum persists across rounds.
+    own optimizer, whose momentum persists across rounds. With a ``teacher``
+    (MH-pFedHNGD's global model) the loss is ``distillation.loss``.
     """
     optimizer = torch.optim.SGD(
         model.parameters(), lr=loop.lr, momentum=loop.momentum,
         weight_decay=loop.weight_decay,
     )
-    n, device = len(data.train_y), data.train_y.device
+    device = data.train_y.device
     # Summed on the device: no host sync per step on a GPU.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     # All of the round's batches drawn up front from a CPU generator: the same
     # samples on every device, and one host-to-device copy instead of one per step
     # (each copy would make the host wait for the GPU).
-    batches = torch.stack([
-        torch.randperm(n, generator=generator)[: loop.batch_size] for _ in range(loop.steps)
-    ]).to(device)
+    order, sizes = loop.batches(len(data.train_y), generator)
     model.train()
-    for idx in batches:
+    if teacher is not None:
+        teacher.eval()
+    for idx in order.to(device).split(sizes):
         x, y = data.normalize(data.train_x[idx]), data.train_y[idx]
         logits = model(x) if head is None else head(model(x))
-        loss = nn.functional.cross_entropy(logits, y)
+        if teacher is None:
+            loss = nn.functional.cross_entropy(logits, y)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss = distillation.loss(logits, teacher_logits, y)
         optimizer.zero_grad(set_to_none=True)
         if head_optimizer is not None:
             head_optimizer.zero_grad(set_to_none=True)
@@ -96,7 +155,7 @@ def train_inner_loop(
             head_optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
-    seen = loop.steps * min(loop.batch_size, n)
+    seen = len(order)
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
 
 
@@ -127,14 +186,16 @@ def fingerprint(module: nn.Module) -> int:
 HEADS_DIR = "client_heads"  # simulation: <run dir>/client_heads/<partition>/<round>.pt
 
 
-class HeadStore:
-    """Where a pFedHN-PC client keeps its private head and momentum between rounds.
+class LocalStore:
+    """What a client keeps to itself between rounds, as named state dicts.
 
+    pFedHN-PC: its head ("head") and the head's momentum ("head_momentum");
+    MH-pFedHN: batch norm's running statistics ("buffers", "global_buffers").
     Always in Flower's ``Context.state``, which persists on the node across rounds
     (a client object is built anew every round, so an attribute would not). In
     simulation it is also mirrored to ``mirror_dir/<round>.pt`` so that a resumed
     simulation, whose new processes start with an empty ``Context.state``, picks
-    up each head as it was at the checkpoint. On real devices there is no mirror.
+    up each part as it was at the checkpoint. On real devices there is no mirror.
     """
 
     def __init__(
@@ -144,29 +205,30 @@ class HeadStore:
         self.mirror_dir = mirror_dir
         self.checkpoint_every = checkpoint_every
 
-    def load(self) -> tuple[dict, dict] | None:
-        """(head state dict, momentum buffers by name), or None before the first fit."""
-        if "head" in self.state:
-            return (self.state["head"].to_torch_state_dict(),
-                    self.state["head_momentum"].to_torch_state_dict())
-        saved = sorted(self.mirror_dir.glob("*.pt")) if self.mirror_dir else []
-        if saved:
-            payload = torch.load(saved[-1], weights_only=True)
-            return payload["head"], payload["momentum"]
-        return None
+    def load(self, part: str) -> dict[str, torch.Tensor] | None:
+        """The state dict saved as ``part``, or None before it was first saved."""
+        fresh = not any(isinstance(v, ArrayRecord) for v in self.state.values())
+        saved = sorted(self.mirror_dir.glob("*.pt")) if fresh and self.mirror_dir else []
+        if saved:  # a resumed simulation: its new process starts with an empty state
+            for name, tensors in torch.load(saved[-1], weights_only=True).items():
+                self.state[name] = ArrayRecord(torch_state_dict=tensors)
+        record = self.state.get(part)
+        return record.to_torch_state_dict() if isinstance(record, ArrayRecord) else None
 
-    def save(self, head: dict, momentum: dict, server_round: int) -> None:
-        """Keep the head; in simulation also on disk, pruned to what a resume can need."""
-        self.state["head"] = ArrayRecord(torch_state_dict=head)
-        self.state["head_momentum"] = ArrayRecord(torch_state_dict=momentum)
+    def save(self, parts: dict[str, dict[str, torch.Tensor]], server_round: int) -> None:
+        """Keep ``parts``; in simulation also all parts on disk, pruned to what a resume needs."""
+        for name, tensors in parts.items():
+            self.state[name] = ArrayRecord(torch_state_dict=tensors)
         if self.mirror_dir is None:
             return
         self.mirror_dir.mkdir(parents=True, exist_ok=True)
         path = self.mirror_dir / f"{server_round:08d}.pt"
-        torch.save({"head": head, "momentum": momentum}, path.with_suffix(".tmp"))
+        everything = {name: record.to_torch_state_dict() for name, record in self.state.items()
+                      if isinstance(record, ArrayRecord)}
+        torch.save(everything, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
         # The server checkpointed last at or before this round's start; a resume
-        # needs the newest head up to that round, and anything newer.
+        # needs the newest state up to that round, and anything newer.
         last_checkpoint = (server_round - 1) // self.checkpoint_every * self.checkpoint_every
         older = [p for p in sorted(self.mirror_dir.glob("*.pt")) if int(p.stem) <= last_checkpoint]
         for stale in older[:-1]:
@@ -174,14 +236,29 @@ class HeadStore:
 
 
 def discard_heads_after(mirror_root: Path, server_round: int) -> None:
-    """Before a resume: forget heads trained after the checkpoint's round."""
+    """Before a resume: forget client state saved after the checkpoint's round."""
     for path in mirror_root.glob("*/*.pt"):
         if int(path.stem) > server_round:
             path.unlink()
 
 
+def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Batch norm's running statistics: the state that is not generated."""
+    return {name: tensor.detach().cpu() for name, tensor in model.named_buffers()}
+
+
 class PFedHNClient(NumPyClient):
-    """Loads the theta_i the server generated, trains it, returns delta_theta."""
+    """Loads the theta_i the server generated, trains it, returns delta_theta.
+
+    The variants differ in what arrives and what stays:
+    - pFedHN: one array per parameter of ``model``.
+    - pFedHN-PC (``model.local``): the same, and a private head in ``store``.
+    - MH-pFedHN (``flat=True``): theta_i as one flat vector, which only this
+      client knows how to cut into its parameters; it tells the server its
+      parameter count, never its architecture. Batch-norm statistics stay in ``store``.
+    - MH-pFedHNGD (``global_model``): also trains the small global model in a
+      "global" phase, and distils it into its own model in the personal phase.
+    """
 
     def __init__(
         self,
@@ -191,8 +268,11 @@ class PFedHNClient(NumPyClient):
         loop: InnerLoop,
         seed: int,
         out_dim: int,
-        heads: HeadStore | None = None,
+        store: LocalStore | None = None,
         device: str | torch.device = "cpu",
+        flat: bool = False,
+        global_model: nn.Module | None = None,
+        distillation: Distillation | None = None,
     ) -> None:
         self.partition_id = partition_id
         self.device = torch.device(device)
@@ -201,23 +281,47 @@ class PFedHNClient(NumPyClient):
         self.loop = loop
         self.seed = seed
         self.out_dim = out_dim
-        self.local = model.local
-        if self.local and heads is None:
-            raise ValueError("a pFedHN-PC client needs a HeadStore for its private head")
-        self.heads = heads
+        self.local = getattr(model, "local", False)
+        self.flat = flat
+        self.global_model = None if global_model is None else global_model.to(self.device)
+        self.distillation = distillation or Distillation()
+        if store is None and (self.local or self._has_buffers()):
+            raise ValueError("this client keeps state between rounds: give it a LocalStore")
+        self.store = store
+
+    def _has_buffers(self) -> bool:
+        models = [self.model] + ([self.global_model] if self.global_model else [])
+        return any(True for m in models for _ in m.buffers())
 
     def get_properties(self, config: dict) -> dict[str, int]:
-        """Tell the server which partition this node holds."""
-        return {"partition-id": self.partition_id}
+        """Tell the server which partition this node holds and how many weights it needs."""
+        return {"partition-id": self.partition_id,
+                "num-parameters": sum(p.numel() for p in self.model.parameters())}
 
-    def _load_theta(self, parameters: list[np.ndarray]) -> OrderedDict[str, torch.Tensor]:
-        names = [name for name, _ in self.model.named_parameters()]
-        theta = OrderedDict(
-            (name, torch.from_numpy(array).to(self.device))
-            for name, array in zip(names, parameters, strict=True)
-        )
-        self.model.load_state_dict(theta)
+    def _load_theta(
+        self, model: nn.Module, parameters: list[np.ndarray], buffers: str
+    ) -> OrderedDict[str, torch.Tensor]:
+        """Put theta into ``model`` (and its saved ``buffers``); return theta by name."""
+        shapes = OrderedDict((name, p.shape) for name, p in model.named_parameters())
+        arrays = [torch.from_numpy(a).to(self.device) for a in parameters]
+        if self.flat:  # MH-pFedHN: cut the flat vector into this architecture's tensors
+            (vector,) = arrays
+            arrays = [piece.view(shape) for piece, shape in
+                      zip(vector.split([s.numel() for s in shapes.values()]), shapes.values(),
+                          strict=True)]
+        theta = OrderedDict(zip(shapes, arrays, strict=True))
+        saved = self.store.load(buffers) if self.store is not None else None
+        # Every parameter is in theta; only buffers may be missing, before the
+        # first fit, and then keep their initial values.
+        model.load_state_dict(theta | (saved or {}), strict=False)
         return theta
+
+    def _delta(self, model: nn.Module, theta: OrderedDict[str, torch.Tensor]) -> list[np.ndarray]:
+        """delta_theta = theta - trained, in the layout theta arrived in."""
+        deltas = [theta[name] - param.detach() for name, param in model.named_parameters()]
+        if self.flat:
+            deltas = [torch.cat([d.flatten() for d in deltas])]
+        return [d.cpu().contiguous().numpy() for d in deltas]
 
     def _head(self) -> tuple[LocalLayer, torch.optim.SGD]:
         """The private head and its optimizer, as this client last left them."""
@@ -228,56 +332,68 @@ class PFedHNClient(NumPyClient):
             head.parameters(), lr=self.loop.lr, momentum=self.loop.momentum,
             weight_decay=self.loop.weight_decay,
         )
-        saved = self.heads.load()
+        saved = self.store.load("head")
         if saved is not None:
-            head.load_state_dict(saved[0])
+            head.load_state_dict(saved)
+            momentum = self.store.load("head_momentum") or {}
             for name, param in head.named_parameters():
-                if name in saved[1]:
-                    optimizer.state[param]["momentum_buffer"] = saved[1][name].to(self.device)
+                if name in momentum:
+                    optimizer.state[param]["momentum_buffer"] = momentum[name].to(self.device)
         return head, optimizer
 
-    def _store_head(
-        self, head: LocalLayer, optimizer: torch.optim.SGD, server_round: int
-    ) -> None:
+    def _head_state(
+        self, head: LocalLayer, optimizer: torch.optim.SGD
+    ) -> dict[str, dict[str, torch.Tensor]]:
         momentum = {
             name: optimizer.state[param]["momentum_buffer"].cpu()
             for name, param in head.named_parameters()
             if optimizer.state[param].get("momentum_buffer") is not None
         }
         weights = {name: tensor.cpu() for name, tensor in head.state_dict().items()}
-        self.heads.save(weights, momentum, server_round)
+        return {"head": weights, "head_momentum": momentum}
 
     def fit(
         self, parameters: list[np.ndarray], config: dict
     ) -> tuple[list[np.ndarray], int, dict]:
-        """Train theta_i locally and return delta_theta = theta_i - theta_tilde_i."""
+        """Train theta_i locally and return delta_theta = theta_i - theta_tilde_i.
+
+        MH-pFedHNGD: in the "global" phase theta is the global model's; in the
+        personal phase the global model's theta follows the client's, as teacher.
+        """
         start = time.perf_counter()
-        theta = self._load_theta(parameters)
         server_round = int(config["server-round"])
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.seed, self.partition_id, server_round)
-        )
+        in_global_phase = config.get("phase") == "global"
+        model, buffers = (self.global_model, "global_buffers") if in_global_phase \
+            else (self.model, "buffers")
+        teacher = None
+        if config.get("distill"):
+            (parameters, teacher_theta) = parameters[:1], parameters[1:]
+            self._load_theta(self.global_model, teacher_theta, "global_buffers")
+            teacher = self.global_model
+        theta = self._load_theta(model, parameters, buffers)
+        keys = (self.seed, self.partition_id, server_round) + ((2,) if in_global_phase else ())
+        generator = torch.Generator().manual_seed(derive_seed(*keys))
         metrics: dict = {"partition-id": self.partition_id}
         head = optimizer = None
         if self.local:
             head, optimizer = self._head()
             metrics["head-fingerprint-in"] = fingerprint(head)
-        metrics |= train_inner_loop(self.model, self.data, self.loop, generator, head, optimizer)
+        metrics |= train_inner_loop(model, self.data, self.loop, generator, head, optimizer,
+                                    teacher, self.distillation)
+        kept = {buffers: buffers_of(model)} if any(True for _ in model.buffers()) else {}
         if self.local:
-            self._store_head(head, optimizer, server_round)
+            kept |= self._head_state(head, optimizer)
             metrics["head-fingerprint-out"] = fingerprint(head)
-        delta_theta = [
-            (theta[name] - param.detach()).cpu().contiguous().numpy()
-            for name, param in self.model.named_parameters()
-        ]
+        if kept:
+            self.store.save(kept, server_round)
         metrics["client-time-s"] = time.perf_counter() - start
-        return delta_theta, len(self.data.train_y), metrics
+        return self._delta(model, theta), len(self.data.train_y), metrics
 
     def evaluate(
         self, parameters: list[np.ndarray], config: dict
     ) -> tuple[float, int, dict]:
         """Evaluate the generated model on this client's val and test sets."""
-        self._load_theta(parameters)
+        self._load_theta(self.model, parameters, "buffers")
         head = self._head()[0] if self.local else None
         metrics: dict = {"partition-id": self.partition_id}
         for split in ("val", "test"):
@@ -291,7 +407,7 @@ class PFedHNClient(NumPyClient):
 def make_client_app(cfg: DictConfig, head_mirror_dir: Path | None = None) -> ClientApp:
     """A ClientApp whose clients read their partition from the node config.
 
-    ``head_mirror_dir``: simulation only, see ``HeadStore``.
+    ``head_mirror_dir``: simulation only, see ``LocalStore``.
     """
     build_client = client_builder(cfg, head_mirror_dir)
     return ClientApp(client_fn=lambda context: build_client(context).to_client())
@@ -304,6 +420,8 @@ def client_builder(
 
     Only the (small) config travels in the closure: each worker process loads
     and splits the data once and keeps it (``federated_data`` is cached).
+    MH-pFedHN: a node's architecture is ``model.architectures``' entry for its
+    partition, or its node config's ``architecture`` on a real device.
     """
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     loop = InnerLoop.from_config(cfg)
@@ -311,20 +429,33 @@ def client_builder(
     deterministic = bool(cfg.get("deterministic", False))
     # Once here, not per round: for an image folder both read the class folders.
     spec, model_kwargs = data_spec(cfg), target_kwargs(cfg)
+    multi_head = is_multi_head(cfg)
+    distillation = Distillation(cfg.client.distill_alpha, cfg.client.distill_temperature)
+
+    def zoo_model(name: str) -> nn.Module:
+        return make_client_model(name, cfg.model.in_channels, cfg.model.out_dim,
+                                 spec.image_size)
 
     def build_client(context: Context) -> PFedHNClient:
         configure_torch(deterministic, threads)
         device = resolve_device(cfg.get("device", "auto"))  # in the process that trains
         partition_id = int(context.node_config["partition-id"])
         clients = federated_data(spec, cfg.dataset.root, **split_kwargs(cfg), device=str(device))
-        heads = HeadStore(
+        store = LocalStore(
             context.state,
             head_mirror_dir / str(partition_id) if head_mirror_dir else None,
             cfg.checkpoint_every,
         )
+        if multi_head:
+            names = client_architectures(cfg)
+            model = zoo_model(str(context.node_config.get("architecture", names[partition_id])))
+        else:
+            model = make_target(**model_kwargs)
         return PFedHNClient(
-            partition_id, clients[partition_id], make_target(**model_kwargs),
-            loop, cfg.seed, cfg.model.out_dim, heads, device,
+            partition_id, clients[partition_id], model, loop, cfg.seed, cfg.model.out_dim,
+            store, device, flat=multi_head,
+            global_model=zoo_model(cfg.model.global_model) if has_global_model(cfg) else None,
+            distillation=distillation,
         )
 
     return build_client

@@ -18,8 +18,10 @@ from pFedHN.dataset import (
 )
 from pFedHN.device import resolve_device
 from pFedHN.models import TARGETS
+from pFedHN.zoo import assign_architectures, make_client_model
 
-VARIANTS = {0: "pFedHN", 1: "pFedHN-PC"}
+VARIANTS = {0: "pFedHN", 1: "pFedHN-PC", 2: "MH-pFedHN", 3: "MH-pFedHNGD"}
+OPTIMIZERS = ("sgd", "adam")
 
 
 class ConfigError(ValueError):
@@ -47,14 +49,23 @@ def validate(cfg: DictConfig) -> None:
     spec = data_spec(cfg)
 
     if cfg.model.variant not in VARIANTS:
-        _fail("model.variant", cfg.model.variant,
-              "0 (pFedHN) or 1 (pFedHN-PC, with model.local=True)")
+        _fail("model.variant", cfg.model.variant, "0 (pFedHN), 1 (pFedHN-PC, with "
+              "model.local=True), 2 (MH-pFedHN) or 3 (MH-pFedHNGD)")
     if bool(cfg.model.local) != (cfg.model.variant == 1):
         raise ConfigError(
             f"model.local={cfg.model.local} disagrees with "
             f"model.variant={cfg.model.variant}: pFedHN-PC is "
-            "model.variant=1 model.local=True; pFedHN is model.variant=0 model.local=False"
+            "model.variant=1 model.local=True; the others have model.local=False"
         )
+    if is_multi_head(cfg):
+        _validate_architectures(cfg, spec)
+    if cfg.server.optimizer not in OPTIMIZERS:
+        _fail("server.optimizer", cfg.server.optimizer, f"choose one of {OPTIMIZERS}")
+    if cfg.client.epochs is not None:
+        _positive(cfg, "client.epochs", int)
+    if not 0 <= cfg.client.distill_alpha <= 1:
+        _fail("client.distill_alpha", cfg.client.distill_alpha, "a weight in [0, 1]")
+    _positive(cfg, "client.distill_temperature")
     if cfg.model.target not in TARGETS:
         _fail("model.target", cfg.model.target, f"choose one of {sorted(TARGETS)}")
     if cfg.model.in_channels != spec.in_channels:
@@ -102,6 +113,27 @@ def validate(cfg: DictConfig) -> None:
     if cfg.server.round_timeout is not None:
         _positive(cfg, "server.round_timeout")
     _validate_hardware(cfg)
+
+
+def _validate_architectures(cfg: DictConfig, spec: DatasetSpec) -> None:
+    """MH-pFedHN: every client's network and the global one exist for this data."""
+    if is_multi_head(cfg) and cfg.novel.num_clients:
+        _fail("novel.num_clients", cfg.novel.num_clients,
+              "novel clients are not implemented for MH-pFedHN yet; use 0")
+    _positive(cfg, "model.chunk_size", int)
+    try:
+        names = client_architectures(cfg)
+    except ValueError as error:
+        _fail("model.architectures", OmegaConf.select(cfg, "model.architectures"), str(error))
+    keys = {name: "model.architectures" for name in names}
+    if has_global_model(cfg):
+        keys[cfg.model.global_model] = "model.global_model"
+    for name, key in keys.items():
+        try:
+            make_client_model(name, cfg.model.in_channels, cfg.model.out_dim, spec.image_size)
+        except ValueError as error:
+            _fail(key, name, f"{error} (dataset.data={cfg.dataset.data}, "
+                  f"dataset.image_size={spec.image_size})")
 
 
 def _validate_hardware(cfg: DictConfig) -> None:
@@ -183,6 +215,24 @@ def _check_alphabet_split(cfg: DictConfig, labels, split: dict) -> None:
         _fail("model.out_dim", cfg.model.out_dim,
               f"a client holds {most} characters with num_clients={cfg.num_clients}; "
               f"use at least {most}")
+
+
+def is_multi_head(cfg: DictConfig) -> bool:
+    """MH-pFedHN or MH-pFedHNGD: clients of the zoo, one flat theta each."""
+    return cfg.model.variant in (2, 3)
+
+
+def has_global_model(cfg: DictConfig) -> bool:
+    """MH-pFedHNGD: the hypernetwork also generates a small global model."""
+    return cfg.model.variant == 3
+
+
+def client_architectures(cfg: DictConfig) -> list[str]:
+    """Each partition's zoo model name (``model.architectures``)."""
+    choice = cfg.model.architectures
+    if not isinstance(choice, str):
+        choice = [str(name) for name in choice]
+    return assign_architectures(choice, num_partitions(cfg))
 
 
 def num_partitions(cfg: DictConfig) -> int:

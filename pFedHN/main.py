@@ -137,7 +137,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.novel.from_run:
         return run_novel(cfg, trained_strategy(cfg), Path(run_dir), {})
     experiment = start_experiment(cfg, run_dir)
-    # Simulation only: pFedHN-PC heads are mirrored beside the checkpoint (see HeadStore).
+    # Simulation only: pFedHN-PC heads are mirrored beside the checkpoint (see LocalStore).
     heads_dir = experiment.run_dir / HEADS_DIR \
         if cfg.model.local and cfg.simulation.mirror_heads else None
     simulate(cfg, lambda context: experiment.components(), heads_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
@@ -10,10 +11,11 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
 from omegaconf import DictConfig
 
-from pFedHN.config import num_partitions, target_kwargs
+from pFedHN.config import data_spec, has_global_model, is_multi_head, num_partitions, target_kwargs
 from pFedHN.device import resolve_device
-from pFedHN.models import CNNHyper, make_target, parameter_shapes
+from pFedHN.models import CNNHyper, MHHyper, make_target, parameter_shapes
 from pFedHN.strategy import PFedHNStrategy
+from pFedHN.zoo import make_client_model
 
 
 class PFedHNServer(Server):
@@ -42,10 +44,23 @@ class PFedHNServer(Server):
             self.on_finish()
         return history
 
+    def fit_round(self, server_round: int, timeout: float | None):  # noqa: ANN201 (Flower's)
+        """One training round; MH-pFedHNGD's starts with the global model's phase."""
+        if self.strategy.global_id is not None:
+            self.strategy.phase = "global"
+            try:
+                super().fit_round(server_round, timeout)
+            finally:
+                self.strategy.phase = "personal"
+        return super().fit_round(server_round, timeout)
+
 
 def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
     """CNNHyper for this config, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
+    if is_multi_head(cfg):
+        raise ValueError("MH-pFedHN's hypernetwork needs the clients' sizes: "
+                         "build_multihead_hypernetwork")
     target_shapes = parameter_shapes(make_target(**target_kwargs(cfg)))
     return CNNHyper(
         num_partitions(cfg), target_shapes, embedding_dim=cfg.model.embed_dim,
@@ -53,14 +68,36 @@ def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
     )
 
 
+def global_model_size(cfg: DictConfig) -> int:
+    """MH-pFedHNGD: parameters of the global model, whose architecture is public."""
+    model = make_client_model(cfg.model.global_model, cfg.model.in_channels,
+                              cfg.model.out_dim, data_spec(cfg).image_size)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_multihead_hypernetwork(cfg: DictConfig, client_sizes: list[int]) -> MHHyper:
+    """MHHyper for the parameter counts the clients reported (+ the global model's).
+
+    The server never sees ``model.architectures``: only these counts.
+    """
+    torch.manual_seed(cfg.seed)
+    sizes = client_sizes + ([global_model_size(cfg)] if has_global_model(cfg) else [])
+    return MHHyper(sizes, chunk_size=cfg.model.chunk_size, embedding_dim=cfg.model.embed_dim
+                   or 64, hidden_dim=cfg.model.hidden_dim, n_hidden=cfg.model.n_hidden)
+
+
 def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
     """The strategy with the config's server settings."""
+    multi_head = is_multi_head(cfg)
     return PFedHNStrategy(
-        build_hypernetwork(cfg), num_clients=num_partitions(cfg), num_rounds=cfg.num_rounds,
+        None if multi_head else build_hypernetwork(cfg),
+        num_clients=num_partitions(cfg), num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every, clients_per_round=cfg.server.clients_per_round,
         lr=cfg.server.lr, momentum=cfg.server.momentum, weight_decay=cfg.server.wd,
         clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=resolve_device(cfg.device),
-        training_clients=cfg.num_clients, **callbacks,
+        training_clients=cfg.num_clients, optimizer=cfg.server.optimizer,
+        make_hnet=partial(build_multihead_hypernetwork, cfg) if multi_head else None,
+        global_model=has_global_model(cfg), **callbacks,
     )
 
 

@@ -76,13 +76,19 @@ class PFedHNStrategy(Strategy):
 
     The outer optimizer is built once, so its momentum persists across rounds.
     Flower's node ids are not partition ids; the strategy asks every node for
-    its partition id once, through Flower's ``get_properties``. The hypernetwork
-    stays on ``device``; tensors cross to the CPU only at Flower's message boundary.
+    its partition id (and parameter count) once, through Flower's
+    ``get_properties``. The hypernetwork stays on ``device``; tensors cross to
+    the CPU only at Flower's message boundary.
+
+    MH-pFedHN: ``hnet`` is None and ``make_hnet`` builds it from the parameter
+    counts the clients report. MH-pFedHNGD (``global_model``): the hypernetwork's
+    last client is a virtual one, the global model; each round starts with a
+    "global" phase (see ``PFedHNServer``) in which every chosen client trains it.
     """
 
     def __init__(
         self,
-        hnet: CNNHyper | MHHyper,
+        hnet: CNNHyper | MHHyper | None,
         num_clients: int,
         num_rounds: int,
         eval_every: int = 30,
@@ -96,19 +102,27 @@ class PFedHNStrategy(Strategy):
         on_fit: Callable[[int, list[dict[str, Scalar]], dict[str, Any]], None] | None = None,
         on_evaluate: Callable[[int, dict[str, float], dict[int, dict]], None] | None = None,
         training_clients: int | None = None,
+        optimizer: str = "sgd",
+        make_hnet: Callable[[list[int]], MHHyper] | None = None,
+        global_model: bool = False,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
-        self.hnet = hnet.to(self.device)
+        self.make_hnet = make_hnet
+        self.client_sizes: dict[int, int] = {}  # parameter counts the clients reported
+        self.global_id = num_clients if global_model else None  # the virtual client
+        self.phase = "personal"  # or "global": MH-pFedHNGD's first exchange of a round
         self.num_clients = num_clients  # Flower nodes, one per partition
         # The partitions sampled for training and evaluated; the rest are novel clients.
         self.clients = list(range(training_clients or num_clients))
         self.clients_per_round = clients_per_round
         self.eval_rounds = evaluation_rounds(num_rounds, eval_every)
         self.clip_norm = clip_norm
-        self.optimizer = torch.optim.SGD(
-            hnet.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
+        self.outer = {"name": optimizer, "lr": lr, "momentum": momentum,
+                      "weight_decay": weight_decay}
+        self.hnet = self.optimizer = None
+        if hnet is not None:
+            self._use(hnet)
         self.rng = np.random.default_rng(seed)
         self.on_fit = on_fit
         self.on_evaluate = on_evaluate
@@ -119,7 +133,20 @@ class PFedHNStrategy(Strategy):
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
         self._bytes_sent = 0  # serialised arrays sent to this round's clients
         self._sent: list[int] = []  # partitions asked to train this round
+        self._global_phase_metrics: dict[str, Any] = {}  # MH-pFedHNGD
         self._evaluation_start = 0.0
+
+    def _use(self, hnet: CNNHyper | MHHyper) -> None:
+        """Adopt ``hnet`` and build the outer optimizer over all of it."""
+        self.hnet = hnet.to(self.device)
+        o = self.outer
+        if o["name"] == "adam":
+            self.optimizer = torch.optim.Adam(self.hnet.parameters(), lr=o["lr"],
+                                              weight_decay=o["weight_decay"])
+        else:
+            self.optimizer = torch.optim.SGD(self.hnet.parameters(), lr=o["lr"],
+                                             momentum=o["momentum"],
+                                             weight_decay=o["weight_decay"])
 
     # --- the algorithm -------------------------------------------------------
     def generate(self, partition_id: int) -> list[np.ndarray]:
@@ -171,6 +198,7 @@ class PFedHNStrategy(Strategy):
         """Everything needed to continue after ``server_round`` (a true round number)."""
         return {
             "round": server_round,
+            "client_sizes": self.client_sizes,
             "hnet": self.hnet.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
@@ -178,6 +206,9 @@ class PFedHNStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: Flower's round r becomes round start_round + r."""
+        if self.hnet is None:  # MH-pFedHN: rebuilt from the sizes the clients reported
+            self.client_sizes = dict(state["client_sizes"])
+            self._use(self.make_hnet([self.client_sizes[i] for i in range(self.num_clients)]))
         self.hnet.load_state_dict(state["hnet"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
@@ -199,15 +230,27 @@ class PFedHNStrategy(Strategy):
                 lambda proxy: proxy.get_properties(ins, timeout=None, group_id=server_round),
                 unknown,
             ))
+        sizes = {}
         for proxy, answer in zip(unknown, answers, strict=True):
             partition_id = int(answer.properties["partition-id"])
             if partition_id in self.node_of:
                 raise RuntimeError(f"two nodes claim partition {partition_id}")
             self.node_of[partition_id] = proxy
             self.partition_of[proxy.cid] = partition_id
+            sizes[partition_id] = int(answer.properties["num-parameters"])
         missing = set(range(self.num_clients)) - set(self.node_of)
         if missing:
             raise RuntimeError(f"no node holds partitions {sorted(missing)}")
+        if self.make_hnet is None:
+            return
+        if self.hnet is None:  # MH-pFedHN: now the sizes to generate are known
+            self.client_sizes = sizes
+            self._use(self.make_hnet([sizes[i] for i in range(self.num_clients)]))
+        changed = {i: (self.client_sizes[i], k) for i, k in sizes.items()
+                   if self.client_sizes[i] != k}
+        if changed:
+            raise RuntimeError("clients report other parameter counts than the hypernetwork "
+                               f"generates (partition: (generated, reported)): {changed}")
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Nothing global to send: every client gets its own generated weights."""
@@ -216,17 +259,31 @@ class PFedHNStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample clients uniformly and send each its generated theta_i."""
+        """Sample clients uniformly and send each its generated theta_i.
+
+        MH-pFedHNGD: the global phase samples the round's clients and sends them
+        the global model's theta; the personal phase sends the same clients their
+        own theta followed by the global model's, the teacher.
+        """
         self._discover_partitions(client_manager, server_round)
         server_round += self.start_round
         start = time.perf_counter()
-        chosen = self.rng.choice(len(self.clients), self.clients_per_round, replace=False)
-        self._sent = [self.clients[int(i)] for i in chosen]
-        instructions = [
-            (self.node_of[i],
-             FitIns(ndarrays_to_parameters(self.generate(i)), {"server-round": server_round}))
-            for i in self._sent
-        ]
+        if self.global_id is None or self.phase == "global":
+            chosen = self.rng.choice(len(self.clients), self.clients_per_round, replace=False)
+            self._sent = [self.clients[int(i)] for i in chosen]
+        config: dict[str, Scalar] = {"server-round": server_round}
+        if self.phase == "global":
+            theta_global = ndarrays_to_parameters(self.generate(self.global_id))
+            config["phase"] = "global"
+            instructions = [(self.node_of[i], FitIns(theta_global, config)) for i in self._sent]
+        else:
+            teacher = [] if self.global_id is None else self.generate(self.global_id)
+            config["distill"] = bool(teacher)
+            instructions = [
+                (self.node_of[i],
+                 FitIns(ndarrays_to_parameters(self.generate(i) + teacher), config))
+                for i in self._sent
+            ]
         self._server_time = time.perf_counter() - start
         self._bytes_sent = sum(payload_bytes(ins.parameters) for _, ins in instructions)
         return instructions
@@ -241,18 +298,21 @@ class PFedHNStrategy(Strategy):
 
         A client that failed, timed out or sent a delta_theta of the wrong
         shape or with non-finite values is left out; the hypernetwork is only
-        stepped on the deltas that passed.
+        stepped on the deltas that passed. MH-pFedHNGD's global phase steps the
+        virtual client on the sample-weighted mean of the clients' deltas.
         """
         server_round += self.start_round
         start = time.perf_counter()
-        accepted: dict[int, list[np.ndarray]] = {}
+        in_global_phase = self.phase == "global"
+        accepted: dict[int, tuple[list[np.ndarray], int]] = {}
         rejected: list[dict[str, Any]] = []
         for proxy, res in results:
             partition_id = self.partition_of[proxy.cid]
             delta_theta = parameters_to_ndarrays(res.parameters)
-            problem = self.check_delta(delta_theta, partition_id)
+            problem = self.check_delta(
+                delta_theta, self.global_id if in_global_phase else partition_id)
             if problem is None:
-                accepted[partition_id] = delta_theta
+                accepted[partition_id] = (delta_theta, res.num_examples)
             else:
                 rejected.append({"partition_id": partition_id, "reason": problem})
         answered = set(accepted) | {r["partition_id"] for r in rejected}
@@ -260,17 +320,36 @@ class PFedHNStrategy(Strategy):
         rejected += [{"partition_id": i, "reason": reasons}
                      for i in self._sent if i not in answered]
         for r in rejected:
-            log.warning("round %d: client %d left out: %s",
-                        server_round, r["partition_id"], r["reason"])
-        if accepted:
-            self.update(list(accepted), list(accepted.values()))
+            log.warning("round %d: client %d left out%s: %s", server_round, r["partition_id"],
+                        " of the global phase" if in_global_phase else "", r["reason"])
+        if accepted and in_global_phase:
+            weights = np.array([n for _, n in accepted.values()], dtype=np.float64)
+            weights /= weights.sum()
+            weighted = [sum(w * delta[k] for w, (delta, _) in
+                            zip(weights, accepted.values(), strict=True)).astype(np.float32)
+                        for k in range(len(next(iter(accepted.values()))[0]))]
+            self.update([self.global_id], [weighted])
+        elif accepted:
+            self.update(list(accepted), [delta for delta, _ in accepted.values()])
         server_time = self._server_time + time.perf_counter() - start
+        server_metrics = {"server-time-s": server_time, "rejected": rejected,
+                          "bytes-sent": self._bytes_sent,
+                          "bytes-received": sum(payload_bytes(r.parameters) for _, r in results)}
+        if in_global_phase:  # reported with the personal phase: one record per round
+            self._global_phase_metrics = server_metrics
+            return NO_PARAMETERS, {}
+        if self._global_phase_metrics:
+            first, self._global_phase_metrics = self._global_phase_metrics, {}
+            server_metrics = {
+                "server-time-s": server_time + first["server-time-s"],
+                "rejected": first["rejected"] + rejected,
+                "bytes-sent": self._bytes_sent + first["bytes-sent"],
+                "bytes-received": server_metrics["bytes-received"] + first["bytes-received"],
+            }
         if self.on_fit is not None:
             self.on_fit(server_round,
                         [r.metrics for p, r in results if self.partition_of[p.cid] in accepted],
-                        {"server-time-s": server_time, "rejected": rejected,
-                         "bytes-sent": self._bytes_sent,
-                         "bytes-received": sum(payload_bytes(r.parameters) for _, r in results)})
+                        server_metrics)
         return NO_PARAMETERS, {}
 
     def check_delta(self, delta_theta: list[np.ndarray], partition_id: int) -> str | None:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import RecordDict
 
-from pFedHN.client import HeadStore, InnerLoop, PFedHNClient, derive_seed, discard_heads_after
+from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, derive_seed, discard_heads_after
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.models import CNNTarget
 from tests.conftest import TINY_MNIST
@@ -33,8 +33,8 @@ def manual_inner_loop(theta, data, seed, device="cpu"):
 def make_client(partition_id=3, state=None, local=False, mirror=None, device="cpu"):
     data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
     model = CNNTarget(**KW, local=local)
-    heads = HeadStore(state if state is not None else RecordDict(), mirror, checkpoint_every=3)
-    client = PFedHNClient(partition_id, data, model, LOOP, seed=7, out_dim=10, heads=heads,
+    store = LocalStore(state if state is not None else RecordDict(), mirror, checkpoint_every=3)
+    client = PFedHNClient(partition_id, data, model, LOOP, seed=7, out_dim=10, store=store,
                           device=device)
     return client, data
 
@@ -72,9 +72,11 @@ def test_evaluate_reports_counts_for_val_and_test(device):
     assert loss == metrics["val-loss-sum"] / metrics["val-n"] > 0
 
 
-def test_properties_tell_the_partition_id():
+def test_properties_tell_the_partition_id_and_parameter_count():
     client, _ = make_client(partition_id=6)
-    assert client.get_properties({}) == {"partition-id": 6}
+    # 7 -> 14 kernels (5x5), fc 224->120->84->10, biases included
+    size = (7 * 25 + 7) + (14 * 7 * 25 + 14) + (224 * 120 + 120) + (120 * 84 + 84) + 850
+    assert client.get_properties({}) == {"partition-id": 6, "num-parameters": size}
 
 
 def test_pc_head_and_momentum_persist_in_the_state_record(device):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from pFedHN.client import HeadStore, InnerLoop, PFedHNClient
+from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, client_resources, validate
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.device import configure_torch, resolve_device
@@ -116,7 +116,7 @@ def fit_once(device, partition_id=1):
     arrays = [p.detach().numpy().copy() for p in model.parameters()]
     client = PFedHNClient(partition_id, data, CNNTarget(1, 7, 10, 28),
                           InnerLoop(steps=20, batch_size=16), seed=3, out_dim=10,
-                          heads=HeadStore(RecordDict()), device=device)
+                          store=LocalStore(RecordDict()), device=device)
     return client.fit(arrays, {"server-round": 4})[0]
 
 

@@ -6,7 +6,7 @@ import torch
 from flwr.app import RecordDict
 from PIL import Image
 
-from pFedHN.client import HeadStore, InnerLoop, PFedHNClient
+from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError
 from pFedHN.dataset import DATASETS, DataNotFoundError, ensure_available, federated_data
 from pFedHN.main import prepare
@@ -91,7 +91,7 @@ def test_a_pc_client_trains_on_omniglot(omniglot_root):
     arrays = [p.detach().numpy().copy() for p in model.parameters()]
     client = PFedHNClient(0, data, ConvNet4(1, 8, 4, 28, local=True),
                           InnerLoop(steps=5, batch_size=8), seed=0, out_dim=4,
-                          heads=HeadStore(RecordDict()))
+                          store=LocalStore(RecordDict()))
     delta, n, metrics = client.fit(arrays, {"server-round": 1})
     assert [d.shape for d in delta] == [a.shape for a in arrays] and n == len(data.train_y)
     assert metrics["head-fingerprint-in"] != metrics["head-fingerprint-out"]  # a 128-d head
