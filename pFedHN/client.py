@@ -183,7 +183,7 @@ def fingerprint(module: nn.Module) -> int:
     return crc
 
 
-HEADS_DIR = "client_heads"  # simulation: <run dir>/client_heads/<partition>/<round>.pt
+STATE_DIR = "client_state"  # simulation: <run dir>/client_state/<partition>/<round>.pt
 
 
 class LocalStore:
@@ -235,7 +235,7 @@ class LocalStore:
             stale.unlink()
 
 
-def discard_heads_after(mirror_root: Path, server_round: int) -> None:
+def discard_state_after(mirror_root: Path, server_round: int) -> None:
     """Before a resume: forget client state saved after the checkpoint's round."""
     for path in mirror_root.glob("*/*.pt"):
         if int(path.stem) > server_round:
@@ -404,17 +404,17 @@ class PFedHNClient(NumPyClient):
         return metrics["val-loss-sum"] / max(metrics["val-n"], 1), metrics["val-n"], metrics
 
 
-def make_client_app(cfg: DictConfig, head_mirror_dir: Path | None = None) -> ClientApp:
+def make_client_app(cfg: DictConfig, state_mirror_dir: Path | None = None) -> ClientApp:
     """A ClientApp whose clients read their partition from the node config.
 
-    ``head_mirror_dir``: simulation only, see ``LocalStore``.
+    ``state_mirror_dir``: simulation only, see ``LocalStore``.
     """
-    build_client = client_builder(cfg, head_mirror_dir)
+    build_client = client_builder(cfg, state_mirror_dir)
     return ClientApp(client_fn=lambda context: build_client(context).to_client())
 
 
 def client_builder(
-    cfg: DictConfig, head_mirror_dir: Path | None = None
+    cfg: DictConfig, state_mirror_dir: Path | None = None
 ) -> Callable[[Context], PFedHNClient]:
     """The function that builds a node's client from its Context, every round.
 
@@ -443,7 +443,7 @@ def client_builder(
         clients = federated_data(spec, cfg.dataset.root, **split_kwargs(cfg), device=str(device))
         store = LocalStore(
             context.state,
-            head_mirror_dir / str(partition_id) if head_mirror_dir else None,
+            state_mirror_dir / str(partition_id) if state_mirror_dir else None,
             cfg.checkpoint_every,
         )
         if multi_head:

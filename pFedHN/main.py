@@ -16,13 +16,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
-from pFedHN.client import HEADS_DIR, discard_heads_after, make_client_app
+from pFedHN.client import STATE_DIR, discard_state_after, make_client_app
 from pFedHN.config import (
     VARIANTS,
     ConfigError,
     check_split,
     client_resources,
     data_spec,
+    is_multi_head,
     num_partitions,
     split_kwargs,
     validate,
@@ -104,19 +105,19 @@ def start_experiment(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
         recorder.load_state_dict(resumed["recorder"])
-        discard_heads_after(run_dir / HEADS_DIR, resumed["round"])
+        discard_state_after(run_dir / STATE_DIR, resumed["round"])
         log.info("resuming %s from round %d", run_dir, resumed["round"])
     log.info("%s: %d rounds, results in %s", title, cfg.num_rounds, run_dir)
     return Experiment(cfg, run_dir, strategy, recorder)
 
 
 def simulate(cfg: DictConfig, server_fn: Callable[[Context], ServerAppComponents],
-             heads_dir: Path | None = None) -> None:
+             state_dir: Path | None = None) -> None:
     """One pass of Flower's simulation engine: a node per partition."""
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round chatter
     run_simulation(
         server_app=ServerApp(server_fn=server_fn),
-        client_app=make_client_app(cfg, heads_dir),
+        client_app=make_client_app(cfg, state_dir),
         num_supernodes=num_partitions(cfg),
         backend_config={
             "client_resources": client_resources(cfg),
@@ -137,10 +138,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.novel.from_run:
         return run_novel(cfg, trained_strategy(cfg), Path(run_dir), {})
     experiment = start_experiment(cfg, run_dir)
-    # Simulation only: pFedHN-PC heads are mirrored beside the checkpoint (see LocalStore).
-    heads_dir = experiment.run_dir / HEADS_DIR \
-        if cfg.model.local and cfg.simulation.mirror_heads else None
-    simulate(cfg, lambda context: experiment.components(), heads_dir)
+    # Simulation only: what clients keep (pFedHN-PC heads, MH-pFedHN batch-norm
+    # statistics) is mirrored beside the checkpoint (see LocalStore).
+    keeps_state = cfg.model.local or is_multi_head(cfg)
+    state_dir = experiment.run_dir / STATE_DIR \
+        if keeps_state and cfg.simulation.mirror_client_state else None
+    simulate(cfg, lambda context: experiment.components(), state_dir)
     results = experiment.finish()
     if cfg.novel.num_clients:
         results = run_novel(cfg, experiment.strategy, experiment.run_dir, results)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import RecordDict
 
-from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, derive_seed, discard_heads_after
+from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, derive_seed, discard_state_after
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.models import CNNTarget
 from tests.conftest import TINY_MNIST
@@ -109,7 +109,7 @@ def test_head_mirror_keeps_what_a_resume_needs_and_restores_it(tmp_path):
         fingerprints[server_round] = client.fit(arrays, {"server-round": server_round})[2]
     # last checkpoint before round 7 started: round 6 -> keep round 5 (newest <= 6) and 7
     assert sorted(p.stem for p in mirror.glob("*.pt")) == ["00000005", "00000007"]
-    discard_heads_after(tmp_path, 6)  # resume from the round-6 checkpoint
+    discard_state_after(tmp_path, 6)  # resume from the round-6 checkpoint
     assert sorted(p.stem for p in mirror.glob("*.pt")) == ["00000005"]
     client, _ = make_client(state=RecordDict(), local=True, mirror=mirror)  # new process
     resumed = client.fit(arrays, {"server-round": 7})[2]

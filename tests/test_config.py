@@ -72,7 +72,7 @@ def test_defaults_are_the_authors_cifar10_setting():
 @pytest.mark.parametrize("override,key", [
     ("dataset.data=svhn", "dataset.data"),
     ("client.num_classes_per_node=11", "client.num_classes_per_node"),
-    ("model.variant=2", "model.variant"),
+    ("model.variant=7", "model.variant"),
     ("model.local=True", "model.local"),  # PC needs model.variant=1 too
     ("model.in_channels=3", "model.in_channels"),
     ("model.out_dim=100", "model.out_dim"),

@@ -3,11 +3,18 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
+from flwr.app import RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
+from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
+from pFedHN.dataset import DATASETS, federated_data
+from pFedHN.main import run
 from pFedHN.models import MHHyper
-from pFedHN.strategy import PFedHNStrategy
+from pFedHN.strategy import PFedHNStrategy, payload_bytes
 from pFedHN.zoo import make_client_model
+from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
 from tests.test_strategy import CLIP, LR, MOMENTUM, WD, reference_step
 
 
@@ -67,3 +74,148 @@ def test_a_delta_of_another_clients_size_is_rejected():
                               num_rounds=5)
     assert strategy.check_delta([np.zeros(3000, np.float32)], 1) is None
     assert "expected (1000,)" in strategy.check_delta([np.zeros(3000, np.float32)], 0)
+
+
+# --- the MH-pFedHN client ---------------------------------------------------------
+
+MNIST_ZOO = {"in_channels": 1, "num_classes": 10, "input_size": 28}
+
+
+def mh_client(partition_id, name, state, global_model=None, epochs=1):
+    """A tiny-MNIST MH-pFedHN client of architecture ``name``, on ``state``."""
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
+    loop = InnerLoop(batch_size=32, weight_decay=5e-4, epochs=epochs)
+    return PFedHNClient(partition_id, data, make_client_model(name, **MNIST_ZOO), loop, seed=3,
+                        out_dim=10, store=LocalStore(state), flat=True,
+                        global_model=global_model and make_client_model(global_model, **MNIST_ZOO))
+
+
+def test_client_cuts_flat_theta_returns_flat_delta_and_keeps_batch_norm_statistics():
+    state = RecordDict()
+    client = mh_client(2, "resnet10-16", state)
+    size = client.get_properties({})["num-parameters"]
+    assert set(client.get_properties({})) == {"partition-id", "num-parameters"}  # no architecture
+    theta = torch.randn(size, generator=torch.Generator().manual_seed(0)) * 0.05
+    delta, n, _ = client.fit([theta.numpy()], {"server-round": 1})
+    assert len(delta) == 1 and delta[0].shape == (size,) and n == len(client.data.train_y)
+    trained = torch.cat([p.detach().flatten() for p in client.model.parameters()])
+    torch.testing.assert_close(torch.from_numpy(delta[0]), theta - trained)
+    saved = state["buffers"].to_torch_state_dict()
+    assert saved.keys() == dict(client.model.named_buffers()).keys()
+    assert saved["stem.1.running_mean"].abs().sum() > 0  # it learned statistics
+    # Flower builds a new client every round: the statistics come back from the state.
+    again = mh_client(2, "resnet10-16", state)
+    again.evaluate([theta.numpy()], {})
+    for name, tensor in again.model.named_buffers():
+        assert torch.equal(tensor, saved[name]), name
+    # and the generated weights are exactly theta, cut in parameter order
+    torch.testing.assert_close(
+        torch.cat([p.detach().flatten() for p in again.model.parameters()]), theta)
+
+
+def test_distillation_loss_is_the_weighted_kl_and_cross_entropy():
+    torch.manual_seed(0)
+    logits, teacher, labels = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    alpha, t = 0.2, 15.0
+    p_teacher = torch.softmax(teacher / t, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(logits / t, 1))).sum(1).mean()
+    ce = -torch.log_softmax(logits, 1)[torch.arange(5), labels].mean()
+    expected = alpha * t * t * kl + (1 - alpha) * ce
+    torch.testing.assert_close(Distillation(alpha, t).loss(logits, teacher, labels), expected)
+    torch.testing.assert_close(Distillation(0.0, t).loss(logits, teacher, labels), ce)
+
+
+def test_global_phase_trains_the_global_model_and_personal_phase_distils_from_it():
+    client = mh_client(1, "vgg8-16", RecordDict(), global_model="cnn")
+    theta_own = torch.randn(client.get_properties({})["num-parameters"]) * 0.05
+    theta_global = torch.randn(sum(p.numel() for p in client.global_model.parameters())) * 0.05
+    delta, _, _ = client.fit([theta_global.numpy()], {"server-round": 1, "phase": "global"})
+    assert delta[0].shape == theta_global.shape and np.abs(delta[0]).max() > 0
+    distilled, _, _ = client.fit([theta_own.numpy(), theta_global.numpy()],
+                                 {"server-round": 1, "distill": True})
+    assert distilled[0].shape == theta_own.shape
+    # the teacher was loaded with the global theta and left as it came
+    torch.testing.assert_close(
+        torch.cat([p.detach().flatten() for p in client.global_model.parameters()]), theta_global)
+    # same batches without the teacher: a different update, so the teacher was used
+    plain = mh_client(1, "vgg8-16", RecordDict(), global_model="cnn")
+    alone, _, _ = plain.fit([theta_own.numpy()], {"server-round": 1})
+    assert not np.allclose(alone[0], distilled[0])
+
+
+def test_epochs_are_shuffled_passes_with_a_smaller_last_batch():
+    order, sizes = InnerLoop(batch_size=32, epochs=2).batches(70, torch.Generator())
+    assert sizes == [32, 32, 6, 32, 32, 6]
+    for one_pass in order.split(70):
+        assert sorted(one_pass.tolist()) == list(range(70))
+    order, sizes = InnerLoop(steps=3, batch_size=32).batches(70, torch.Generator())
+    assert sizes == [32, 32, 32] and len(order) == 96  # pFedHN: independent draws
+
+
+class _Proxy:
+    def __init__(self, cid):
+        self.cid = cid
+
+
+def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
+    torch.manual_seed(0)
+    sizes = [1000, 3000, 700]  # two clients, then the global model
+    strategy = PFedHNStrategy(None, num_clients=2, num_rounds=5, lr=LR, momentum=MOMENTUM,
+                              weight_decay=WD, clip_norm=CLIP, global_model=True,
+                              make_hnet=lambda client_sizes: MHHyper(
+                                  client_sizes + [700], chunk_size=256, embedding_dim=8,
+                                  hidden_dim=16))
+    strategy.client_sizes = {0: 1000, 1: 3000}
+    strategy._use(strategy.make_hnet(sizes[:2]))
+    assert strategy.global_id == 2 and strategy.hnet.sizes == sizes
+    strategy.partition_of = {"a": 0, "b": 1}
+    strategy._sent = [0, 1]
+    reference = copy.deepcopy(strategy.hnet)
+    rng = np.random.default_rng(0)
+    deltas = [rng.standard_normal(700).astype(np.float32) for _ in range(2)]
+    examples = [30, 90]
+    results = [(_Proxy(cid), FitRes(Status(Code.OK, ""), ndarrays_to_parameters([d]), n, {}))
+               for cid, d, n in zip("ab", deltas, examples, strict=True)]
+    recorded = []
+    strategy.on_fit = lambda *args: recorded.append(args)
+    strategy.phase = "global"
+    strategy.aggregate_fit(1, results, [])
+    weighted = (30 * deltas[0].astype(np.float64) + 90 * deltas[1]) / 120
+    reference_step(reference, [2], [[torch.from_numpy(weighted.astype(np.float32))]],
+                   [None] * len(list(reference.parameters())))
+    for ours, ref in zip(strategy.hnet.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    assert recorded == []  # the round is recorded once, after the personal phase
+    # a client sending a delta of its own model's size in the global phase is left out
+    before = copy.deepcopy(strategy.hnet.state_dict())
+    strategy.aggregate_fit(2, [(_Proxy("a"), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+        [np.ones(1000, np.float32)]), 30, {}))], [])
+    assert all(torch.equal(v, before[k]) for k, v in strategy.hnet.state_dict().items())
+
+
+@pytest.mark.simulation
+def test_three_architectures_learn_in_a_flower_simulation(tmp_path):
+    """MH-pFedHNGD end to end: sizes reported, both phases, batch-norm state kept."""
+    names = ["cnn", "vgg8-16", "resnet10-16"]
+    cfg = compose_config(TINY_OVERRIDES + [
+        "algorithm=mh_pfedhngd", "num_clients=3", f"model.architectures=[{','.join(names)}]",
+        "num_rounds=8", "eval_every=8", "client.epochs=3", "server.lr=5e-4",
+    ])
+    results = run(cfg, tmp_path)
+    first, last = results["evaluations"][0], results["evaluations"][-1]
+    assert first["test_acc"] < 0.3
+    # Measured here: 0.95 after 8 rounds (3 clients, 2 classes each; chance 0.1).
+    assert last["test_acc"] > 0.75 and last["clients_evaluated"] == 3
+    sizes = [sum(p.numel() for p in make_client_model(n, **MNIST_ZOO).parameters())
+             for n in names]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["strategy"]["client_sizes"] == dict(enumerate(sizes))
+    # Per round: the global theta to each client, then its own theta plus the teacher.
+    def nbytes(*counts):
+        return payload_bytes(ndarrays_to_parameters([np.zeros(k, np.float32) for k in counts]))
+    global_size = sizes[0]  # the global model is the small CNN, as client 0's
+    per_round = sum(nbytes(global_size) + nbytes(k, global_size) for k in sizes)
+    assert results["communication"]["last_training_round_sent_bytes"] == per_round
+    for partition in range(3):  # batch-norm statistics mirrored for resume (not the CNN's)
+        kept = list((tmp_path / "client_state" / str(partition)).glob("*.pt"))
+        assert bool(kept) == (names[partition] != "cnn")
