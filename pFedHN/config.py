@@ -22,6 +22,7 @@ from pFedHN.zoo import assign_architectures, make_client_model
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC", 2: "MH-pFedHN", 3: "MH-pFedHNGD"}
 OPTIMIZERS = ("sgd", "adam")
+PARTITIONS = ("classes", "dirichlet")
 
 
 class ConfigError(ValueError):
@@ -112,7 +113,29 @@ def validate(cfg: DictConfig) -> None:
         _fail("novel.from_run", cfg.novel.from_run, "needs novel.num_clients > 0")
     if cfg.server.round_timeout is not None:
         _positive(cfg, "server.round_timeout")
+    _validate_partition(cfg, by_alphabet)
     _validate_hardware(cfg)
+
+
+def _validate_partition(cfg: DictConfig, by_alphabet: bool) -> None:
+    """How samples are divided among clients: classes or Dirichlet, pooled test or not."""
+    partition, share = cfg.client.partition, cfg.dataset.local_test_share
+    if partition not in PARTITIONS:
+        _fail("client.partition", partition, f"choose one of {PARTITIONS}")
+    _positive(cfg, "client.dirichlet_alpha")
+    min_samples = cfg.client.min_samples
+    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 0:
+        _fail("client.min_samples", min_samples, "an integer >= 0")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                              or not 0 < share < 1):
+        _fail("dataset.local_test_share", share, "null (pFedHN's split of the official test "
+              "set) or a share in (0, 1), e.g. 0.25")
+    if by_alphabet and (partition != "classes" or share is not None):
+        _fail("client.partition" if partition != "classes" else "dataset.local_test_share",
+              partition if partition != "classes" else share,
+              f"dataset.data={cfg.dataset.data} is split by alphabet; use the defaults")
+    if share is not None and cfg.novel.num_clients:
+        _fail("dataset.local_test_share", share, "novel clients need pFedHN's split; use null")
 
 
 def _validate_architectures(cfg: DictConfig, spec: DatasetSpec) -> None:
@@ -189,8 +212,12 @@ def check_split(cfg: DictConfig) -> None:
     if spec.split != "alphabets" and cfg.dataset.val_size >= len(train):
         _fail("dataset.val_size", cfg.dataset.val_size,
               f"must be less than the {len(train)} training samples of {cfg.dataset.root}")
-    split = split_indices(spec, cfg.dataset.root, train,
-                          load_labels(spec, cfg.dataset.root, train=False), **split_kwargs(cfg))
+    try:
+        split = split_indices(spec, cfg.dataset.root, train,
+                              load_labels(spec, cfg.dataset.root, train=False),
+                              **split_kwargs(cfg))
+    except ValueError as error:  # a Dirichlet split that cannot serve min_samples
+        _fail("client.min_samples", cfg.client.min_samples, str(error))
     if spec.split == "alphabets":
         _check_alphabet_split(cfg, train, split)
     for name, per_client in split.items():
@@ -249,6 +276,10 @@ def split_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "novel": cfg.novel.num_clients,
         "novel_alpha": cfg.novel.dirichlet_alpha,
+        "partition": cfg.client.partition,
+        "dirichlet_alpha": cfg.client.dirichlet_alpha,
+        "min_samples": cfg.client.min_samples,
+        "local_test_share": cfg.dataset.local_test_share,
     }
 
 

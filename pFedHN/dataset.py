@@ -341,29 +341,95 @@ def client_indices(
     seed: int,
     novel: int = 0,
     novel_alpha: float | None = None,
+    partition: str = "classes",
+    dirichlet_alpha: float = 0.5,
+    min_samples: int = 0,
+    local_test_share: float | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """The whole split from labels alone: per split, each client's sample indices.
 
-    "train" and "val" index the official training set (val: ``val_size`` random
-    samples of it), "test" the official test set. The last ``novel`` clients are
-    held out from training; with ``novel_alpha`` their data is redrawn with
-    Dirichlet class proportions (see ``redraw_dirichlet``).
+    pFedHN's protocol: "train" and "val" index the official training set (val:
+    ``val_size`` random samples of it), "test" the official test set, each
+    divided among the clients the same way. ``partition``: "classes" (the
+    authors' ``classes_per_client`` split) or "dirichlet" (class proportions per
+    client ~ Dir(``dirichlet_alpha``), redrawn until every client has
+    ``min_samples`` training samples). MH-pFedHN's protocol
+    (``local_test_share``, e.g. 0.25): train and test sets pooled (indices run
+    over train then test), val cut from the pool, and each client's share split
+    into its own train and test. The last ``novel`` clients are held out from
+    training; with ``novel_alpha`` their data is redrawn (see ``redraw_dirichlet``).
     """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(train_labels))
-    pools = {"val": order[:val_size], "train": order[val_size:],
-             "test": np.arange(len(test_labels))}
-    assignment = assign_classes(num_clients, num_classes, classes_per_client, rng)
+    pooled = local_test_share is not None
+    source = np.concatenate([train_labels, test_labels]) if pooled else train_labels
+    order = rng.permutation(len(source))
+    pools = {"val": order[:val_size], "train": order[val_size:]}
+    labels = {"train": source, "val": source, "test": source if pooled else test_labels}
+    if not pooled:
+        pools["test"] = np.arange(len(test_labels))
+    if partition == "classes":
+        assignment = assign_classes(num_clients, num_classes, classes_per_client, rng)
+
+        def divide(name: str) -> list[np.ndarray]:
+            return split_by_assignment(labels[name][pools[name]], assignment, num_classes, rng)
+    else:
+        proportions = dirichlet_proportions(labels["train"][pools["train"]], num_clients,
+                                            num_classes, dirichlet_alpha, min_samples, rng)
+
+        def divide(name: str) -> list[np.ndarray]:
+            return split_by_proportions(labels[name][pools[name]], proportions, rng)
     split = {}
-    for name in ("train", "val"):  # the authors' order: train, val, test
-        within = split_by_assignment(train_labels[pools[name]], assignment, num_classes, rng)
-        split[name] = [pools[name][i] for i in within]
-    split["test"] = split_by_assignment(test_labels, assignment, num_classes, rng)
+    for name in ("train", "val", "test"):  # the authors' order
+        if name in pools:
+            split[name] = [pools[name][i] for i in divide(name)]
+    if pooled:  # each client's own data: a share of it is its test set
+        cut = [rng.permutation(idx) for idx in split["train"]]
+        sizes = [round(len(idx) * local_test_share) for idx in cut]
+        split["test"] = [idx[:k] for idx, k in zip(cut, sizes, strict=True)]
+        split["train"] = [idx[k:] for idx, k in zip(cut, sizes, strict=True)]
     if novel and novel_alpha is not None:
-        labels = {"train": train_labels, "val": train_labels, "test": test_labels}
         redraw_dirichlet(split, pools, labels, num_classes, num_clients - novel, novel_alpha,
                          np.random.default_rng([seed, 1]))  # own stream: training data unchanged
     return split
+
+
+def dirichlet_proportions(
+    labels: np.ndarray,
+    num_clients: int,
+    num_classes: int,
+    alpha: float,
+    min_samples: int,
+    rng: np.random.Generator,
+    tries: int = 1000,
+) -> np.ndarray:
+    """q[c, i]: the share of class c that client i gets, q[c] ~ Dir(alpha).
+
+    Redrawn until every client gets at least ``min_samples`` of ``labels``
+    (the usual way to keep a Dirichlet split from leaving clients empty).
+    """
+    counts = np.bincount(labels, minlength=num_classes)
+    for _ in range(tries):
+        q = rng.dirichlet(np.full(num_clients, alpha), size=num_classes)
+        cuts = np.floor(np.cumsum(q, axis=1) * counts[:, None]).astype(int)
+        per_client = np.diff(np.concatenate([np.zeros((num_classes, 1), int), cuts], 1), axis=1)
+        if per_client.sum(0).min() >= min_samples:
+            return q
+    raise ValueError(f"no Dirichlet({alpha}) split in {tries} draws gives each of "
+                     f"{num_clients} clients {min_samples} training samples; use a larger "
+                     "alpha, fewer clients or fewer samples")
+
+
+def split_by_proportions(
+    labels: np.ndarray, proportions: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Disjoint sample indices per client: class c's samples cut in ``proportions[c]``."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(proportions.shape[1])]
+    for c, q in enumerate(proportions):
+        pool = rng.permutation(np.flatnonzero(labels == c))
+        cuts = np.floor(np.cumsum(q)[:-1] * len(pool)).astype(int)
+        for i, piece in enumerate(np.split(pool, cuts)):
+            parts[i].append(piece)
+    return [np.concatenate(p) for p in parts]
 
 
 def redraw_dirichlet(
@@ -437,6 +503,10 @@ def federated_data(
     seed: int,
     novel: int = 0,
     novel_alpha: float | None = None,
+    partition: str = "classes",
+    dirichlet_alpha: float = 0.5,
+    min_samples: int = 0,
+    local_test_share: float | None = None,
     device: str = "cpu",
 ) -> tuple[ClientData, ...]:
     """Every client's data, built once per process (cached) from one seed, on ``device``.
@@ -447,7 +517,9 @@ def federated_data(
     test_x, test_y = load_images(spec, root, train=False)
     split = split_indices(spec, root, train_y.numpy(), test_y.numpy(), num_clients=num_clients,
                           classes_per_client=classes_per_client, val_size=val_size, seed=seed,
-                          novel=novel, novel_alpha=novel_alpha)
+                          novel=novel, novel_alpha=novel_alpha, partition=partition,
+                          dirichlet_alpha=dirichlet_alpha, min_samples=min_samples,
+                          local_test_share=local_test_share)
     if spec.mean is None or spec.std is None:  # measured on the training images
         pixels = train_x.float().div_(255.0).transpose(0, 1).flatten(1)
         mean, std = pixels.mean(1), pixels.std(1)
@@ -455,6 +527,9 @@ def federated_data(
         mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
     mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
     sources = {"train": (train_x, train_y), "val": (train_x, train_y), "test": (test_x, test_y)}
+    if local_test_share is not None:  # indices run over the training set, then the test set
+        pooled = (torch.cat([train_x, test_x]), torch.cat([train_y, test_y]))
+        sources = dict.fromkeys(sources, pooled)
     clients = []
     for i in range(num_clients):
         parts = {}

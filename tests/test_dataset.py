@@ -5,10 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pFedHN.config import ConfigError
 from pFedHN.dataset import (
     DATASETS,
     DataNotFoundError,
     assign_classes,
+    client_indices,
     dataset_spec,
     ensure_available,
     federated_data,
@@ -16,7 +18,8 @@ from pFedHN.dataset import (
     load_labels,
     split_by_assignment,
 )
-from tests.conftest import TINY_MNIST
+from pFedHN.main import prepare
+from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
 
 
 @pytest.mark.parametrize("clients,classes,per_client", [(50, 10, 2), (50, 100, 10), (7, 10, 3)])
@@ -164,3 +167,51 @@ def test_cinic10_without_its_valid_folder_says_where_to_get_it(tmp_path):
     write_image_folder(tmp_path, CINIC_CLASSES, per_class=(2, 2), size=32, step=20)
     with pytest.raises(DataNotFoundError, match=r"valid is not a directory.*CINIC-10\.tar\.gz"):
         dataset_spec("cinic10", tmp_path)
+
+
+def _labels(n, classes=10, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, n)
+
+
+@pytest.mark.parametrize("alpha,skewed", [(0.05, True), (100.0, False)])
+def test_dirichlet_split_is_disjoint_skewed_by_alpha_and_keeps_min_samples(alpha, skewed):
+    train, test = _labels(6000), _labels(1000, seed=1)
+    split = client_indices(train, test, 10, 20, 2, 1000, seed=3, partition="dirichlet",
+                           dirichlet_alpha=alpha, min_samples=40)
+    for name, pool_size in (("train", 5000), ("val", 1000), ("test", 1000)):
+        everything = np.concatenate(split[name])
+        assert len(everything) == len(set(everything.tolist())) == pool_size  # disjoint, all
+    assert min(len(idx) for idx in split["train"]) >= 40
+    val = set(np.concatenate(split["val"]).tolist())
+    assert not val & set(np.concatenate(split["train"]).tolist())
+    top_share = [np.bincount(train[idx], minlength=10).max() / len(idx) for idx in split["train"]]
+    assert (np.mean(top_share) > 0.7) if skewed else (np.mean(top_share) < 0.3)
+    if skewed:  # a client's test set follows its own class proportions
+        same = [np.bincount(train[a], minlength=10).argmax()
+                == np.bincount(test[b], minlength=10).argmax()
+                for a, b in zip(split["train"], split["test"], strict=True) if len(b)]
+        assert np.mean(same) > 0.8
+
+
+def test_dirichlet_split_that_cannot_serve_min_samples_names_the_key():
+    cfg = compose_config(TINY_OVERRIDES + ["client.partition=dirichlet",
+                                           "client.min_samples=1000"])
+    with pytest.raises(ConfigError, match=r"client\.min_samples=1000 .*Dirichlet"):
+        prepare(cfg)
+
+
+def test_local_test_share_splits_each_clients_pooled_data():
+    train, test = _labels(5000), _labels(1000, seed=1)
+    split = client_indices(train, test, 10, 10, 2, 600, seed=0, local_test_share=0.25)
+    pooled = np.concatenate([train, test])
+    used = np.concatenate([np.concatenate(split[n]) for n in ("train", "val", "test")])
+    assert len(used) == len(set(used.tolist())) and used.max() >= 5000  # test images reused
+    for own_train, own_test in zip(split["train"], split["test"], strict=True):
+        total = len(own_train) + len(own_test)
+        assert abs(len(own_test) - 0.25 * total) <= 0.5
+        assert set(pooled[own_test]) <= set(pooled[own_train])  # the client's own classes
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 5, 2, 500, 0,
+                          local_test_share=0.25)
+    for client in data:
+        assert len(client.test_y) == round(0.25 * (len(client.train_y) + len(client.test_y)))
+        assert set(client.test_y.tolist()) <= set(client.train_y.tolist())
