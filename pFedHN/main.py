@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ class Experiment:
 
     def finish(self) -> dict:
         """Write the final results; log and return them."""
+        # ru_maxrss is in KiB on Linux: the peak of this process (server and Ray driver).
+        self.recorder.server_memory = self.strategy.memory_bytes() | {
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         results = self.recorder.close()
         log.info("test_acc_at_best_val=%.4f (round %s), final_test_acc=%.4f, wall_time_s=%.1f",
                  results["test_acc_at_best_val"], results["best_round"],

@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pFedHN.config import VARIANTS  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +73,7 @@ class RunRecorder:
         self.start = time.perf_counter()
         self.earlier_wall_time_s = 0.0  # of the sessions before a resume
         self.environment = environment()
+        self.server_memory: dict[str, int] = {}  # filled in by the experiment at the end
         self._last_round_end = None
         self.progress = tqdm(total=num_rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
@@ -150,6 +153,7 @@ class RunRecorder:
             "communication": {f"{k}_bytes": v for k, v in self.bytes.items()}
             | {f"last_training_round_{k}_bytes": v for k, v in self.last_round_bytes.items()},
             "environment": self.environment,
+            "server_memory": self.server_memory,
             "evaluations": self.evaluations,
         })
 
@@ -193,8 +197,8 @@ PAPER = {
 }
 DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
                  "cinic10": "CINIC-10", "omniglot": "Omniglot"}
-VARIANT_NAMES = {0: "pFedHN", 1: "pFedHN-PC"}
-ALGORITHM_PRESETS = {0: "pfedhn", 1: "pfedhn_pc"}  # conf/algorithm/
+# conf/algorithm/ presets, by model.variant
+ALGORITHM_PRESETS = {0: "pfedhn", 1: "pfedhn_pc", 2: "mh_pfedhn", 3: "mh_pfedhngd"}
 NO_DATA_HERE = {"cifar100", "omniglot"}  # the machines this table is made on hold no copy of these
 
 
@@ -249,7 +253,7 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
         done = res.get("rounds_completed", cfg.num_rounds)
         rounds = f"{done}" if done == cfg.num_rounds else f"{done} of {cfg.num_rounds}"
         lines.append(
-            f"| {_dataset_label(cfg)} | {cfg.num_clients} | {VARIANT_NAMES[cfg.model.variant]} "
+            f"| {_dataset_label(cfg)} | {cfg.num_clients} | {VARIANTS[cfg.model.variant]} "
             f"| {rounds} | {PAPER.get(s['key'], '–')} | {_pct(res['test_acc_at_best_val'])} "
             f"(round {res['best_round']}) | {_pct(res['final_test_acc'])} "
             f"| {env.get('cpu_cores', '?')} CPU cores ({env.get('cpu', '?')}) "
@@ -260,7 +264,7 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
         dataset, variant, clients = key
         why = "not run here (no copy of the data)" if dataset in NO_DATA_HERE else "not run yet"
         lines.append(
-            f"| {DATASET_NAMES[dataset]} | {clients} | {VARIANT_NAMES[variant]} | 5000 "
+            f"| {DATASET_NAMES[dataset]} | {clients} | {VARIANTS[variant]} | 5000 "
             f"| {PAPER[key]} | {why} | | | | `{preset_command(key)}` |"
         )
     return "\n".join(lines)
@@ -276,7 +280,7 @@ def plot_runs(summaries: list[dict[str, Any]], static_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in runs:
             evaluations = s["results"]["evaluations"]
-            label = f"{VARIANT_NAMES[s['cfg'].model.variant]}, {s['cfg'].num_clients} clients"
+            label = f"{VARIANTS[s['cfg'].model.variant]}, {s['cfg'].num_clients} clients"
             line, = ax.plot([e["round"] for e in evaluations],
                             [100 * e["test_acc"] for e in evaluations], label=label)
             paper = PAPER.get(s["key"])

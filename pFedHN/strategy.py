@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -192,6 +192,15 @@ class PFedHNStrategy(Strategy):
         self.start_round = 0
         self.optimizer = torch.optim.SGD(self.hnet.embeddings.parameters(), lr=lr,
                                          momentum=momentum)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What the server holds for the algorithm: the hypernetwork and its optimizer state."""
+        def nbytes(tensors: Iterable[Any]) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+        return {"hypernetwork_bytes": nbytes(self.hnet.parameters()),
+                "optimizer_state_bytes": nbytes(t for state in self.optimizer.state.values()
+                                                for t in state.values())}
 
     # --- checkpoints ---------------------------------------------------------
     def state_dict(self, server_round: int) -> dict[str, Any]:
