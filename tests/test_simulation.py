@@ -76,5 +76,10 @@ def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
     assert traffic["last_training_round_sent_bytes"] == theta_bytes
     assert traffic["training_received_bytes"] == traffic["training_sent_bytes"] == 60 * theta_bytes
     assert traffic["evaluation_sent_bytes"] == 4 * 5 * theta_bytes  # 4 evaluations, 5 clients
+    # Server memory: float32 hypernetwork, one SGD momentum buffer per parameter.
+    hnet_bytes = 4 * sum(p.numel() for p in strategy.hnet.parameters())
+    memory = results["server_memory"]
+    assert memory["hypernetwork_bytes"] == memory["optimizer_state_bytes"] == hnet_bytes
+    assert memory["peak_rss_bytes"] > hnet_bytes
     for name in ("accuracy.png", "config.yaml", "main.log"):
         assert (run_dir / name).stat().st_size > 0
