@@ -9,12 +9,14 @@ from flwr.app import RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
+from pFedHN.config import ConfigError, validate
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.main import run
 from pFedHN.models import MHHyper
 from pFedHN.strategy import PFedHNStrategy, payload_bytes
 from pFedHN.zoo import make_client_model
 from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
+from tests.test_dataset import write_image_folder
 from tests.test_strategy import CLIP, LR, MOMENTUM, WD, reference_step
 
 
@@ -219,3 +221,28 @@ def test_three_architectures_learn_in_a_flower_simulation(tmp_path):
     for partition in range(3):  # batch-norm statistics mirrored for resume (not the CNN's)
         kept = list((tmp_path / "client_state" / str(partition)).glob("*.pt"))
         assert bool(kept) == (names[partition] != "cnn")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.architectures=resnet50-16", "model.architectures"),
+    ("model.architectures=[cnn,vgg8-16]", "model.architectures"),  # 2 names, 10 clients
+    ("model.architectures=vgg8", "model.architectures"),  # no width
+    ("model.global_model=vgg9-16", "model.global_model"),
+    ("model.chunk_size=0", "model.chunk_size"),
+    ("server.optimizer=rmsprop", "server.optimizer"),
+    ("client.distill_alpha=1.5", "client.distill_alpha"),
+    ("novel.num_clients=2", "novel.num_clients"),
+])
+def test_bad_mh_settings_name_the_key(override, key):
+    cfg = compose_config(TINY_OVERRIDES + ["algorithm=mh_pfedhngd", override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_an_input_the_zoo_cannot_take_is_refused_before_any_work(tmp_path):
+    from pFedHN.config import ConfigError, validate
+    write_image_folder(tmp_path)  # 3 classes
+    cfg = compose_config(["algorithm=mh_pfedhn", "dataset.data=folder", f"dataset.root={tmp_path}",
+                          "dataset.image_size=64", "num_clients=3", "model.out_dim=3"])
+    with pytest.raises(ConfigError, match=r"model\.architectures='cnn'.*not 3 x 64 x 64"):
+        validate(cfg)
