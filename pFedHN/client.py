@@ -367,7 +367,7 @@ class PFedHNClient(NumPyClient):
             else (self.model, "buffers")
         teacher = None
         if config.get("distill"):
-            (parameters, teacher_theta) = parameters[:1], parameters[1:]
+            parameters, teacher_theta = parameters[:1], parameters[1:]
             self._load_theta(self.global_model, teacher_theta, "global_buffers")
             teacher = self.global_model
         theta = self._load_theta(model, parameters, buffers)
