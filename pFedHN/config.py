@@ -140,9 +140,6 @@ def _validate_partition(cfg: DictConfig, by_alphabet: bool) -> None:
 
 def _validate_architectures(cfg: DictConfig, spec: DatasetSpec) -> None:
     """MH-pFedHN: every client's network and the global one exist for this data."""
-    if is_multi_head(cfg) and cfg.novel.num_clients:
-        _fail("novel.num_clients", cfg.novel.num_clients,
-              "novel clients are not implemented for MH-pFedHN yet; use 0")
     _positive(cfg, "model.chunk_size", int)
     try:
         names = client_architectures(cfg)

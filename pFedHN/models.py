@@ -201,16 +201,19 @@ class MHHyper(nn.Module):
             for n in sorted(set(self.chunks))
         })
 
+    def head(self, chunk_count: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """The head (weights, biases) of the clients with ``chunk_count`` chunks."""
+        return self.head_weights[str(chunk_count)], self.head_biases[str(chunk_count)]
+
     def shapes(self, partition_id: int) -> OrderedDict[str, torch.Size]:
         """What ``forward`` returns for this client: its K_i parameters, flat."""
         return OrderedDict(theta=torch.Size([self.sizes[partition_id]]))
 
     def forward(self, partition_id: int) -> OrderedDict[str, torch.Tensor]:
         """theta_i as one flat vector; the client alone knows how to shape it."""
-        n = str(self.chunks[partition_id])
+        weights, biases = self.head(self.chunks[partition_id])
         features = self.trunk(self.embeddings[partition_id])  # n x hidden
-        chunks = torch.einsum("nh,nch->nc", features, self.head_weights[n]) \
-            + self.head_biases[n]
+        chunks = torch.einsum("nh,nch->nc", features, weights) + biases
         return OrderedDict(theta=chunks.flatten()[: self.sizes[partition_id]])
 
 

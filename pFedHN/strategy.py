@@ -183,15 +183,23 @@ class PFedHNStrategy(Strategy):
         """Novel clients: from now on train only their embeddings, the rest frozen.
 
         Samples and evaluates only ``partition_ids`` (at round 0 and
-        ``num_rounds``) and steps only the embedding table; its other rows get no
-        gradient and, without weight decay, do not move.
+        ``num_rounds``) and steps only the embeddings; other clients' get no
+        gradient and, without weight decay, do not move. MH-pFedHN: a novel
+        client whose size no training client has (an unseen architecture) also
+        trains its head, never trained before; the trunk stays frozen. The global
+        model (MH-pFedHNGD) is frozen too: no global phase.
         """
+        trainable = list(self.hnet.embeddings.parameters())
+        if isinstance(self.hnet, MHHyper):
+            seen = {self.hnet.chunks[i] for i in self.clients}
+            unseen = {self.hnet.chunks[i] for i in partition_ids} - seen
+            trainable += [p for n in sorted(unseen) for p in self.hnet.head(n)]
         self.clients = list(partition_ids)
         self.clients_per_round = min(self.clients_per_round, len(self.clients))
         self.eval_rounds = {0, num_rounds}
         self.start_round = 0
-        self.optimizer = torch.optim.SGD(self.hnet.embeddings.parameters(), lr=lr,
-                                         momentum=momentum)
+        self.global_id = None
+        self.optimizer = torch.optim.SGD(trainable, lr=lr, momentum=momentum)
 
     def memory_bytes(self) -> dict[str, int]:
         """What the server holds for the algorithm: the hypernetwork and its optimizer state."""

@@ -231,7 +231,7 @@ def test_three_architectures_learn_in_a_flower_simulation(tmp_path):
     ("model.chunk_size=0", "model.chunk_size"),
     ("server.optimizer=rmsprop", "server.optimizer"),
     ("client.distill_alpha=1.5", "client.distill_alpha"),
-    ("novel.num_clients=2", "novel.num_clients"),
+    ("novel.num_clients=2", "dataset.local_test_share"),  # novel clients: pFedHN split
 ])
 def test_bad_mh_settings_name_the_key(override, key):
     cfg = compose_config(TINY_OVERRIDES + ["algorithm=mh_pfedhngd", override])
@@ -246,3 +246,17 @@ def test_an_input_the_zoo_cannot_take_is_refused_before_any_work(tmp_path):
                           "dataset.image_size=64", "num_clients=3", "model.out_dim=3"])
     with pytest.raises(ConfigError, match=r"model\.architectures='cnn'.*not 3 x 64 x 64"):
         validate(cfg)
+
+
+def test_novel_clients_learn_their_embeddings_and_only_unseen_heads():
+    torch.manual_seed(0)
+    hnet = MHHyper([1000, 900, 3000, 1000], chunk_size=256, embedding_dim=8, hidden_dim=16)
+    assert hnet.chunks == [4, 4, 12, 4]  # novel client 2: a size no training client has
+    strategy = PFedHNStrategy(hnet, num_clients=4, num_rounds=5, training_clients=2,
+                              optimizer="adam", lr=1e-3)
+    strategy.learn_embeddings_only([2, 3], num_rounds=3, lr=1e-2, momentum=0.9)
+    before = copy.deepcopy(hnet.state_dict())
+    strategy.update([2, 3], [[np.ones(3000, np.float32)], [np.ones(1000, np.float32)]])
+    after = hnet.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved == {"embeddings.2", "embeddings.3", "head_weights.12", "head_biases.12"}
