@@ -260,3 +260,26 @@ def test_novel_clients_learn_their_embeddings_and_only_unseen_heads():
     after = hnet.state_dict()
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert moved == {"embeddings.2", "embeddings.3", "head_weights.12", "head_biases.12"}
+
+
+def test_a_checkpoint_rebuilds_the_hypernetwork_from_the_reported_sizes():
+    def make(sizes):
+        torch.manual_seed(1)
+        return MHHyper(sizes, chunk_size=256, embedding_dim=8, hidden_dim=16)
+
+    strategy = PFedHNStrategy(None, num_clients=2, num_rounds=5, make_hnet=make,
+                              optimizer="adam", lr=1e-3)
+    assert strategy.hnet is None  # nothing to build before the clients report
+    strategy.client_sizes = {0: 1000, 1: 3000}
+    strategy._use(make([1000, 3000]))
+    strategy.update([1], [[np.ones(3000, np.float32)]])
+    state = strategy.state_dict(7)
+    resumed = PFedHNStrategy(None, num_clients=2, num_rounds=9, make_hnet=make,
+                             optimizer="adam", lr=1e-3)
+    resumed.load_state_dict(state)
+    assert resumed.hnet.sizes == [1000, 3000] and resumed.start_round == 7
+    for ours, saved in zip(resumed.hnet.state_dict().values(), state["hnet"].values(),
+                           strict=True):
+        assert torch.equal(ours, saved)
+    assert resumed.optimizer.state_dict()["state"].keys() == \
+        strategy.optimizer.state_dict()["state"].keys()
