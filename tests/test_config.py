@@ -111,3 +111,22 @@ def test_bad_input_exits_with_one_clear_line(tmp_path):
     assert result.returncode != 0
     assert "dataset.data='imagenet' is not valid" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+MH_PROTOCOL = ["num_rounds=500", "model.variant=2", "model.architectures=blocks",
+               "model.embed_dim=64", "model.hidden_dim=128", "model.n_hidden=2",
+               "client.epochs=1", "client.inner_wd=5e-4", "server.optimizer=adam",
+               "server.lr=2e-4", "server.wd=0.0", "server.clients_per_round=50",
+               "dataset.local_test_share=0.25"]
+
+
+@pytest.mark.parametrize("preset,long_form", [
+    (["algorithm=mh_pfedhn"], MH_PROTOCOL),
+    (["algorithm=mh_pfedhngd"], [*MH_PROTOCOL, "model.variant=3"]),
+])
+def test_mh_presets_set_the_papers_protocol(preset, long_form):
+    """REFERENCE section 6: all clients, Adam 2e-4, one local pass, 500 rounds, 75/25."""
+    cfg = compose_config(preset)
+    validate(cfg)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    assert resolved == compose_config(long_form)
