@@ -63,7 +63,7 @@ def plot_novel(summary: dict[str, Any], path: Path) -> None:
                label=f"after {summary['rounds']} rounds of embedding training")
     alpha = summary.get("dirichlet_alpha")
     ax.set_title("Novel clients: frozen hypernetwork, learned embedding"
-                 + (f" (Dirichlet alpha {alpha})" if alpha is not None else ""))
+                 + (f"\nnovel class mix ~ Dirichlet({alpha})" if alpha is not None else ""))
     ax.set_xlabel("distribution shift: TV distance to the training clients' class mix")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
