@@ -285,13 +285,10 @@ class PFedHNClient(NumPyClient):
         self.flat = flat
         self.global_model = None if global_model is None else global_model.to(self.device)
         self.distillation = distillation or Distillation()
-        if store is None and (self.local or self._has_buffers()):
+        models = [self.model] + ([self.global_model] if self.global_model else [])
+        if store is None and (self.local or any(buffers_of(m) for m in models)):
             raise ValueError("this client keeps state between rounds: give it a LocalStore")
         self.store = store
-
-    def _has_buffers(self) -> bool:
-        models = [self.model] + ([self.global_model] if self.global_model else [])
-        return any(True for m in models for _ in m.buffers())
 
     def get_properties(self, config: dict) -> dict[str, int]:
         """Tell the server which partition this node holds and how many weights it needs."""
@@ -380,7 +377,7 @@ class PFedHNClient(NumPyClient):
             metrics["head-fingerprint-in"] = fingerprint(head)
         metrics |= train_inner_loop(model, self.data, self.loop, generator, head, optimizer,
                                     teacher, self.distillation)
-        kept = {buffers: buffers_of(model)} if any(True for _ in model.buffers()) else {}
+        kept = {buffers: statistics} if (statistics := buffers_of(model)) else {}
         if self.local:
             kept |= self._head_state(head, optimizer)
             metrics["head-fingerprint-out"] = fingerprint(head)

@@ -340,11 +340,9 @@ class PFedHNStrategy(Strategy):
             log.warning("round %d: client %d left out%s: %s", server_round, r["partition_id"],
                         " of the global phase" if in_global_phase else "", r["reason"])
         if accepted and in_global_phase:
-            weights = np.array([n for _, n in accepted.values()], dtype=np.float64)
-            weights /= weights.sum()
-            weighted = [sum(w * delta[k] for w, (delta, _) in
-                            zip(weights, accepted.values(), strict=True)).astype(np.float32)
-                        for k in range(len(next(iter(accepted.values()))[0]))]
+            deltas, examples = zip(*accepted.values(), strict=True)
+            weighted = [np.average(tensors, axis=0, weights=examples).astype(np.float32)
+                        for tensors in zip(*deltas, strict=True)]
             self.update([self.global_id], [weighted])
         elif accepted:
             self.update(list(accepted), [delta for delta, _ in accepted.values()])
