@@ -16,10 +16,10 @@ IDENTITY_KEYS = (
     "dataset.data", "dataset.val_size", "num_clients", "seed",
     "client.num_classes_per_node", "model.variant", "model.local", "model.in_channels",
     "model.n_kernels", "model.out_dim", "model.n_hidden", "model.hidden_dim",
-    "model.embed_dim", "novel.num_clients",
+    "model.embed_dim", "novel.num_clients", "client.partition",
 )
 # Keys added after checkpoints were first written: their value in those older checkpoints.
-ADDED_LATER = {"novel.num_clients": 0}
+ADDED_LATER = {"novel.num_clients": 0, "client.partition": "classes"}
 
 
 class CheckpointError(ValueError):

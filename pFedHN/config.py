@@ -22,7 +22,7 @@ from pFedHN.zoo import assign_architectures, make_client_model
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC", 2: "MH-pFedHN", 3: "MH-pFedHNGD"}
 OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("classes", "dirichlet")
+PARTITIONS = ("classes", "authors", "dirichlet")
 
 
 class ConfigError(ValueError):
@@ -134,6 +134,9 @@ def _validate_partition(cfg: DictConfig, by_alphabet: bool) -> None:
         _fail("client.partition" if partition != "classes" else "dataset.local_test_share",
               partition if partition != "classes" else share,
               f"dataset.data={cfg.dataset.data} is split by alphabet; use the defaults")
+    if partition == "authors" and share is not None:
+        _fail("client.partition", partition, "the authors' split is pFedHN's protocol; use "
+              "dataset.local_test_share=null, or client.partition=classes with a share")
     if share is not None and cfg.novel.num_clients:
         _fail("dataset.local_test_share", share, "novel clients need pFedHN's split; use null")
 

@@ -7,6 +7,8 @@ a time: the inner loop never touches PIL images or per-sample transforms.
 from __future__ import annotations
 
 import functools
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -256,16 +258,21 @@ class ClientClasses:
 
 
 def assign_classes(
-    num_clients: int, num_classes: int, classes_per_client: int, rng: np.random.Generator
+    num_clients: int,
+    num_classes: int,
+    classes_per_client: int,
+    rng: np.random.Generator | np.random.RandomState,
+    distinct: bool = True,
 ) -> list[ClientClasses]:
     """The authors' assignment of classes and U(0.4, 0.6) proportions to clients.
 
     Each class gets ``classes_per_client * num_clients // num_classes + 1``
     normalised proportions (the ``+1`` leaves part of every class unused).
     Clients pick, one class at a time, among the classes with the most
-    proportions left (random tie-break). Unlike the authors' code, a client never
-    picks the same class twice; when classes_per_client divides num_classes
-    (every setting in the paper) this makes no difference.
+    proportions left (random tie-break). ``distinct``: a client never picks the
+    same class twice; the authors' code allows it (``distinct=False``). When
+    classes_per_client divides num_classes (every setting in the paper) both
+    give the same draws.
     """
     count = classes_per_client * num_clients // num_classes + 1
     proportions: list[list[float]] = []
@@ -279,7 +286,8 @@ def assign_classes(
         chosen: list[int] = []
         for _ in range(classes_per_client):
             open_counts = remaining.copy()
-            open_counts[chosen] = 0
+            if distinct:
+                open_counts[chosen] = 0
             best = np.flatnonzero((open_counts == open_counts.max()) & (open_counts > 0))
             chosen.append(int(rng.choice(best)))
             remaining[chosen[-1]] -= 1
@@ -293,10 +301,14 @@ def split_by_assignment(
     labels: np.ndarray,
     assignment: list[ClientClasses],
     num_classes: int,
-    rng: np.random.Generator,
+    shuffle: Callable[[np.ndarray], np.ndarray],
 ) -> list[np.ndarray]:
-    """Disjoint sample indices per client: int(n_c * p) samples of each class c."""
-    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    """Disjoint sample indices per client: int(n_c * p) samples of each class c.
+
+    ``shuffle`` orders each class's samples (classes in label order) before
+    they are dealt out.
+    """
+    pools = [shuffle(np.flatnonzero(labels == c)) for c in range(num_classes)]
     class_sizes = [len(pool) for pool in pools]
     indices = []
     for client in assignment:
@@ -307,6 +319,15 @@ def split_by_assignment(
             pools[c] = pools[c][take:]
         indices.append(np.concatenate(mine))
     return indices
+
+
+def python_shuffle(generator: random.Random) -> Callable[[np.ndarray], np.ndarray]:
+    """A shuffle by Python's ``random`` (as the authors' code shuffles each class)."""
+    def shuffle(indices: np.ndarray) -> np.ndarray:
+        order = indices.tolist()
+        generator.shuffle(order)
+        return np.asarray(order, dtype=np.int64)
+    return shuffle
 
 
 @dataclass
@@ -351,7 +372,9 @@ def client_indices(
     pFedHN's protocol: "train" and "val" index the official training set (val:
     ``val_size`` random samples of it), "test" the official test set, each
     divided among the clients the same way. ``partition``: "classes" (the
-    authors' ``classes_per_client`` split) or "dirichlet" (class proportions per
+    authors' ``classes_per_client`` split, drawn from this package's own seeded
+    generator), "authors" (the same split drawn exactly as the authors' code
+    draws it, see ``authors_generators``) or "dirichlet" (class proportions per
     client ~ Dir(``dirichlet_alpha``), redrawn until every client has
     ``min_samples`` training samples). MH-pFedHN's protocol
     (``local_test_share``, e.g. 0.25): train and test sets pooled (indices run
@@ -362,16 +385,23 @@ def client_indices(
     rng = np.random.default_rng(seed)
     pooled = local_test_share is not None
     source = np.concatenate([train_labels, test_labels]) if pooled else train_labels
-    order = rng.permutation(len(source))
-    pools = {"val": order[:val_size], "train": order[val_size:]}
+    if partition == "authors":  # their generators, in their order (see authors_generators)
+        order, assigner, shuffle = authors_generators(seed, len(source))
+        pools = {"train": order[: len(source) - val_size], "val": order[len(source) - val_size:]}
+    else:
+        order = rng.permutation(len(source))
+        pools = {"val": order[:val_size], "train": order[val_size:]}
+        assigner, shuffle = rng, rng.permutation
     labels = {"train": source, "val": source, "test": source if pooled else test_labels}
     if not pooled:
         pools["test"] = np.arange(len(test_labels))
-    if partition == "classes":
-        assignment = assign_classes(num_clients, num_classes, classes_per_client, rng)
+    if partition in ("classes", "authors"):
+        assignment = assign_classes(num_clients, num_classes, classes_per_client, assigner,
+                                    distinct=partition == "classes")
 
         def divide(name: str) -> list[np.ndarray]:
-            return split_by_assignment(labels[name][pools[name]], assignment, num_classes, rng)
+            return split_by_assignment(labels[name][pools[name]], assignment, num_classes,
+                                       shuffle)
     else:
         proportions = dirichlet_proportions(labels["train"][pools["train"]], num_clients,
                                             num_classes, dirichlet_alpha, min_samples, rng)
@@ -391,6 +421,23 @@ def client_indices(
         redraw_dirichlet(split, pools, labels, num_classes, num_clients - novel, novel_alpha,
                          np.random.default_rng([seed, 1]))  # own stream: training data unchanged
     return split
+
+
+def authors_generators(
+    seed: int, num_samples: int
+) -> tuple[np.ndarray, np.random.RandomState, Callable[[np.ndarray], np.ndarray]]:
+    """The random sources of the authors' pFedHN split, seeded as their trainer seeds them.
+
+    Their trainer seeds torch, numpy's global generator and Python's ``random``
+    with the seed, then: torch's ``random_split`` (one ``randperm`` of the
+    training set: the first part trains, the rest validates), numpy's generator
+    for the class assignment and its proportions, Python's ``random`` to shuffle
+    each class before it is dealt out (train, then val, then test). Returns that
+    permutation, the numpy generator and the shuffle. Private generators in the
+    same states stand in for the global ones, so nothing global is touched.
+    """
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).numpy()
+    return order, np.random.RandomState(seed), python_shuffle(random.Random(seed))
 
 
 def dirichlet_proportions(

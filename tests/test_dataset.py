@@ -46,7 +46,7 @@ def test_split_takes_int_n_times_p_disjoint_samples_per_class():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=5000)
     assignment = assign_classes(20, 10, 2, rng)
-    indices = split_by_assignment(labels, assignment, 10, rng)
+    indices = split_by_assignment(labels, assignment, 10, rng.permutation)
     flat = np.concatenate(indices)
     assert len(flat) == len(set(flat.tolist()))  # disjoint
     sizes = np.bincount(labels, minlength=10)

@@ -1,0 +1,119 @@
+"""client.partition=authors: the authors' pFedHN split, generator for generator.
+
+The reference below is an independent, plain transcription of what the authors'
+code does (their trainer seeds torch, numpy and Python's random globally, then
+random_split cuts val, numpy assigns classes and proportions, Python's random
+shuffles each class of train, val and test in turn). It uses the global
+generators, as they do; the package uses private ones in the same states.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pFedHN.config import ConfigError, validate
+from pFedHN.dataset import client_indices
+from tests.conftest import TINY_OVERRIDES, compose_config
+
+# CIFAR-10 as an image folder lists it (the JPEG copy): class by class.
+TRAIN = np.repeat(np.arange(10), 5000)
+TEST = np.repeat(np.arange(10), 1000)
+VEHICLES = {0, 1, 8, 9}  # airplane, automobile, ship, truck
+
+
+def reference_split(train_labels, test_labels, num_classes, clients, per_client, val_size,
+                    seed):
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    n = len(train_labels)
+    subsets = torch.utils.data.random_split(range(n), [n - val_size, val_size])
+    sets = [(np.array(s.indices), train_labels[s.indices]) for s in subsets]
+    sets.append((np.arange(len(test_labels)), test_labels))
+
+    slots = per_client * clients // num_classes + 1
+    left = {c: slots for c in range(num_classes)}
+    shares = {}
+    for c in range(num_classes):
+        u = np.random.uniform(0.4, 0.6, size=slots)
+        shares[c] = list(u / u.sum())
+    plan = []  # per client: [(class, share)]
+    for _ in range(clients):
+        picked = []
+        for _ in range(per_client):
+            most = max(left.values())
+            c = int(np.random.choice([k for k in range(num_classes) if left[k] == most]))
+            left[c] -= 1
+            picked.append(c)
+        plan.append([(c, shares[c].pop()) for c in picked])
+
+    out = []
+    for where, labels in sets:
+        size = {c: int((labels == c).sum()) for c in range(num_classes)}
+        queue = {}
+        for c in range(num_classes):
+            members = list(np.nonzero(labels == c)[0])
+            random.shuffle(members)
+            queue[c] = members
+        per_client_sets = []
+        for pairs in plan:
+            mine = []
+            for c, p in pairs:
+                k = int(size[c] * p)
+                mine += queue[c][:k]
+                queue[c] = queue[c][k:]
+            per_client_sets.append(sorted(where[mine].tolist()))
+        out.append(per_client_sets)
+    return dict(zip(("train", "val", "test"), out, strict=True))
+
+
+def test_authors_split_of_cifar10_matches_their_totals_and_clients():
+    ours = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="authors")
+    # Measured with the authors' trainer on the JPEG copy (seed 42, 50 clients).
+    assert sum(map(len, ours["test"])) == 9025
+    assert sum(map(len, ours["val"])) == 9031
+    reference = reference_split(TRAIN, TEST, 10, 50, 2, 10000, 42)
+    for name in ("train", "val", "test"):
+        assert [sorted(i.tolist()) for i in ours[name]] == reference[name], name
+    classes = [set(TRAIN[i].tolist()) for i in ours["train"]]
+    assert sum(len(c & VEHICLES) == 1 for c in classes) == 24  # theirs; ours (classes): 36
+    for name in ("val", "test"):  # a client's val and test follow its training classes
+        labels = TRAIN if name == "val" else TEST
+        assert [set(labels[i].tolist()) for i in ours[name]] == classes
+
+
+@pytest.mark.parametrize("clients,per_client,seed", [(10, 2, 0), (100, 2, 7), (13, 3, 1)])
+def test_authors_split_matches_the_reference_for_other_settings(clients, per_client, seed):
+    rng = np.random.default_rng(5)
+    train, test = rng.integers(0, 10, 6000), rng.integers(0, 10, 1500)
+    ours = client_indices(train, test, 10, clients, per_client, 1000, seed, partition="authors")
+    reference = reference_split(train, test, 10, clients, per_client, 1000, seed)
+    for name in ("train", "val", "test"):
+        assert [sorted(i.tolist()) for i in ours[name]] == reference[name], name
+
+
+def test_authors_split_differs_from_the_packages_own_split():
+    theirs = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="authors")
+    ours = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="classes")
+    assert sum(map(len, ours["val"])) != sum(map(len, theirs["val"]))
+    assert [set(TRAIN[i].tolist()) for i in ours["train"]] != \
+        [set(TRAIN[i].tolist()) for i in theirs["train"]]
+
+
+def test_authors_split_leaves_global_generators_alone():
+    np.random.seed(3)
+    random.seed(3)
+    before = np.random.rand(), random.random()
+    np.random.seed(3)
+    random.seed(3)
+    client_indices(TRAIN, TEST, 10, 10, 2, 1000, 42, partition="authors")
+    assert (np.random.rand(), random.random()) == before
+
+
+def test_authors_split_refuses_mh_protocol():
+    cfg = compose_config([*TINY_OVERRIDES, "client.partition=authors",
+                          "dataset.local_test_share=0.25"])
+    with pytest.raises(ConfigError, match="client.partition"):
+        validate(cfg)
