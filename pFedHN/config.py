@@ -5,16 +5,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pFedHN.dataset import (
+    CIFAR10_VEHICLES,
     DATASETS,
     DatasetSpec,
     dataset_spec,
     load_labels,
     omniglot_listing,
     split_indices,
+    split_summary,
 )
 from pFedHN.device import resolve_device
 from pFedHN.models import TARGETS
@@ -213,9 +216,7 @@ def check_split(cfg: DictConfig) -> None:
         _fail("dataset.val_size", cfg.dataset.val_size,
               f"must be less than the {len(train)} training samples of {cfg.dataset.root}")
     try:
-        split = split_indices(spec, cfg.dataset.root, train,
-                              load_labels(spec, cfg.dataset.root, train=False),
-                              **split_kwargs(cfg))
+        split, _ = split_with_labels(cfg, train)
     except ValueError as error:  # a Dirichlet split that cannot serve min_samples
         _fail("client.min_samples", cfg.client.min_samples, str(error))
     if spec.split == "alphabets":
@@ -229,6 +230,35 @@ def check_split(cfg: DictConfig) -> None:
                 f"would get no {name} samples from this data; use fewer clients"
                 + (" or a larger dataset.val_size" if name == "val" else "")
             )
+
+
+def split_with_labels(
+    cfg: DictConfig, train_labels: np.ndarray | None = None
+) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
+    """Each client's indices per split, and the labels each split's indices point into."""
+    spec = data_spec(cfg)
+    if train_labels is None:
+        train_labels = load_labels(spec, cfg.dataset.root, train=True)
+    test_labels = load_labels(spec, cfg.dataset.root, train=False)
+    split = split_indices(spec, cfg.dataset.root, train_labels, test_labels,
+                          **split_kwargs(cfg))
+    if spec.split == "alphabets":  # one pool of drawings
+        return split, dict.fromkeys(split, train_labels)
+    if cfg.dataset.local_test_share is not None:  # indices run over train, then test
+        return split, dict.fromkeys(split, np.concatenate([train_labels, test_labels]))
+    return split, {"train": train_labels, "val": train_labels, "test": test_labels}
+
+
+def describe_split(cfg: DictConfig) -> dict[str, Any]:
+    """``split_summary`` of this config's split: classes and sample counts per client."""
+    split, labels = split_with_labels(cfg)
+    num_classes = int(max(int(y.max()) for y in labels.values())) + 1
+    like_cifar10 = cfg.dataset.data in ("cifar10", "cinic10") or (
+        cfg.dataset.data == "folder" and cfg.dataset.paper_dataset == "cifar10")
+    groups = (CIFAR10_VEHICLES, frozenset(range(10)) - CIFAR10_VEHICLES) \
+        if like_cifar10 and num_classes == 10 else None
+    return {"partition": cfg.client.partition, "seed": cfg.seed,
+            **split_summary(split, labels, num_classes, groups)}
 
 
 def _check_alphabet_split(cfg: DictConfig, labels, split: dict) -> None:

@@ -590,3 +590,57 @@ def federated_data(
                 parts[f"{name}_y"] = torch.searchsorted(characters, parts[f"{name}_y"])
         clients.append(ClientData(**parts, mean=mean, std=std).to(device))
     return tuple(clients)
+
+
+# CIFAR-10's classes (also CINIC-10's, in the same order) in two coarse groups: a client
+# holding one of each has an easier task than one holding, say, cat and dog.
+CIFAR10_VEHICLES = frozenset({0, 1, 8, 9})  # airplane, automobile, ship, truck
+
+
+def split_summary(
+    split: dict[str, list[np.ndarray]],
+    labels: dict[str, np.ndarray],
+    num_classes: int,
+    coarse_groups: tuple[frozenset[int], ...] | None = None,
+) -> dict[str, Any]:
+    """What each client holds, and how hard the split is, from labels alone.
+
+    ``labels[name]`` are the labels ``split[name]`` indexes. Per client: its
+    training classes and sample counts. ``majority_class_acc``: the pooled
+    accuracy of predicting each client's most frequent training class, the level
+    a personalised model must beat to have learnt anything beyond its label mix.
+    With ``coarse_groups`` (e.g. CIFAR-10's vehicles), ``mixed_group_clients``
+    counts the clients whose classes are not all in one group: splits with more
+    of them are easier.
+    """
+    clients, hits = [], dict.fromkeys(split, 0)
+    for i in range(len(split["train"])):
+        counts = {name: np.bincount(labels[name][split[name][i]], minlength=num_classes)
+                  for name in split}
+        majority = int(np.argmax(counts["train"]))
+        for name in split:
+            hits[name] += int(counts[name][majority])
+        clients.append({"classes": np.flatnonzero(counts["train"]).tolist(),
+                        **{name: int(c.sum()) for name, c in counts.items()}})
+    totals = {name: sum(c[name] for c in clients) for name in split}
+    summary: dict[str, Any] = {
+        "totals": totals,
+        "majority_class_acc": {name: hits[name] / max(totals[name], 1) for name in split},
+        "clients": clients,
+    }
+    if coarse_groups:
+        summary["mixed_group_clients"] = sum(
+            not any(set(c["classes"]) <= group for group in coarse_groups) for c in clients)
+    return summary
+
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """One log line for ``split_summary``."""
+    totals, majority = summary["totals"], summary["majority_class_acc"]
+    classes = sorted({len(c["classes"]) for c in summary["clients"]})
+    text = (f"split: {len(summary['clients'])} clients holding {'/'.join(map(str, classes))} "
+            f"classes; samples " + ", ".join(f"{k} {v}" for k, v in totals.items())
+            + f"; majority-class accuracy val {majority['val']:.4f}, test {majority['test']:.4f}")
+    if "mixed_group_clients" in summary:
+        text += f"; {summary['mixed_group_clients']} clients mix coarse groups"
+    return text

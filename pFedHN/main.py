@@ -23,13 +23,13 @@ from pFedHN.config import (
     ConfigError,
     check_split,
     client_resources,
-    data_spec,
+    describe_split,
     is_multi_head,
     num_partitions,
-    split_kwargs,
+    split_with_labels,
     validate,
 )
-from pFedHN.dataset import DataNotFoundError, ensure_available, load_labels, split_indices
+from pFedHN.dataset import DataNotFoundError, describe_summary, ensure_available
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.novel import distribution_shift, novel_summary, plot_novel
 from pFedHN.results import RunRecorder, write_json_atomic
@@ -85,17 +85,27 @@ class Experiment:
         log.info("test_acc_at_best_val=%.4f (round %s), final_test_acc=%.4f, wall_time_s=%.1f",
                  results["test_acc_at_best_val"], results["best_round"],
                  results["final_test_acc"], results["wall_time_s"])
+        if results["training_check"].get("status") in ("collapsed", "diverged"):
+            log.warning("this run did not train: %s", results["training_check"]["message"])
         return results
 
 
-def start_experiment(cfg: DictConfig, run_dir: str | Path) -> Experiment:
-    """Build the server side of a prepared config; with ``cfg.resume``, continue that run."""
+def start_experiment(cfg: DictConfig, run_dir: str | Path,
+                     split: dict | None = None) -> Experiment:
+    """Build the server side of a prepared config; with ``cfg.resume``, continue that run.
+
+    ``split``: the data split's summary (``describe_split``), where the server can
+    see the data; it goes into results.json and arms the collapse check.
+    """
     run_dir = Path(cfg.resume or run_dir)
     resumed = checkpoint.load(run_dir, cfg) if cfg.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     title = f"{VARIANTS[cfg.model.variant]} on {cfg.dataset.data}, {cfg.num_clients} clients"
-    recorder = RunRecorder(run_dir, cfg.num_rounds, title)
+    recorder = RunRecorder(run_dir, cfg.num_rounds, title, split,
+                           cfg.server.clients_per_round / cfg.num_clients)
+    if split is not None:
+        log.info("%s", describe_summary(split))
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
         recorder.on_fit(server_round, client_metrics, server_metrics)
@@ -141,7 +151,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     cfg = prepare(cfg)
     if cfg.novel.from_run:
         return run_novel(cfg, trained_strategy(cfg), Path(run_dir), {})
-    experiment = start_experiment(cfg, run_dir)
+    experiment = start_experiment(cfg, run_dir, describe_split(cfg))
     # Simulation only: what clients keep (pFedHN-PC heads, MH-pFedHN batch-norm
     # statistics) is mirrored beside the checkpoint (see LocalStore).
     keeps_state = cfg.model.local or is_multi_head(cfg)
@@ -182,10 +192,8 @@ def run_novel(cfg: DictConfig, strategy: PFedHNStrategy, run_dir: Path, results:
              novel_ids[0], novel_ids[-1], cfg.novel.rounds)
     simulate(cfg, lambda context: server_components(strategy, cfg.novel.rounds))
 
-    spec = data_spec(cfg)
-    train_labels = load_labels(spec, cfg.dataset.root, train=True)
-    split = split_indices(spec, cfg.dataset.root, train_labels,
-                          load_labels(spec, cfg.dataset.root, train=False), **split_kwargs(cfg))
+    split, labels = split_with_labels(cfg)
+    train_labels = labels["train"]
     shifts = distribution_shift([train_labels[i] for i in split["train"]], cfg.num_clients,
                                 int(train_labels.max()) + 1)
     settings = {"rounds": cfg.novel.rounds, "lr": cfg.novel.lr,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -57,13 +58,53 @@ def environment() -> dict[str, Any]:
             "torch": version("torch"), "flwr": version("flwr")}
 
 
-class RunRecorder:
-    """Receives the strategy's callbacks; keeps results.json and the plot current."""
+# A run whose pooled val accuracy is still within COLLAPSE_MARGIN of the split's
+# majority-class level after COLLAPSE_VISITS visits per client has learnt nothing
+# beyond each client's label mix (e.g. pFedHN-PC on MNIST at CIFAR's outer lr).
+COLLAPSE_VISITS = 10
+COLLAPSE_MARGIN = 0.02
 
-    def __init__(self, run_dir: str | Path, num_rounds: int, title: str) -> None:
+
+def training_check(
+    evaluation: dict[str, float], majority_val_acc: float | None, visits_per_client: float
+) -> dict[str, Any]:
+    """Whether training has diverged or collapsed, judged from one pooled evaluation."""
+    check: dict[str, Any] = {"round": evaluation["round"], "val_acc": evaluation["val_acc"],
+                             "majority_class_val_acc": majority_val_acc,
+                             "visits_per_client": visits_per_client}
+    if not math.isfinite(evaluation["val_loss"]):
+        return check | {"status": "diverged", "message": (
+            f"round {evaluation['round']}: the val loss is {evaluation['val_loss']}: the "
+            "hypernetwork's weights are no longer finite; lower server.lr")}
+    if majority_val_acc is None:  # the server cannot see the data (deployment)
+        return check | {"status": "not checked"}
+    if visits_per_client < COLLAPSE_VISITS:
+        return check | {"status": "too early"}
+    if evaluation["val_acc"] < majority_val_acc + COLLAPSE_MARGIN:
+        return check | {"status": "collapsed", "message": (
+            f"round {evaluation['round']} (about {visits_per_client:.0f} visits per client): "
+            f"val accuracy {evaluation['val_acc']:.4f} is no better than predicting each "
+            f"client's majority class ({majority_val_acc:.4f}); training has collapsed or not "
+            "started to learn: check server.lr and client.inner_lr")}
+    return check | {"status": "ok"}
+
+
+class RunRecorder:
+    """Receives the strategy's callbacks; keeps results.json and the plot current.
+
+    ``split``: the data split's summary (``describe_split``), None where the
+    server cannot see the data; its majority-class level drives ``training_check``
+    (``visits_per_round``: client visits per round over clients).
+    """
+
+    def __init__(self, run_dir: str | Path, num_rounds: int, title: str,
+                 split: dict[str, Any] | None = None, visits_per_round: float = 1.0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.title = title
+        self.split = split
+        self.visits_per_round = visits_per_round
+        self.check: dict[str, Any] = {}
         self.evaluations: list[dict[str, float]] = []
         self.round_times: list[dict[str, float]] = []
         self.failed_rounds: list[int] = []  # rounds without a hypernetwork update
@@ -109,6 +150,11 @@ class RunRecorder:
                  metrics["test_acc_min"], metrics["test_acc_max"], metrics["val_loss"])
         self.progress.set_postfix(val_acc=f"{metrics['val_acc']:.4f}",
                                   test_acc=f"{metrics['test_acc']:.4f}")
+        majority = self.split["majority_class_acc"]["val"] if self.split else None
+        check = training_check(record, majority, server_round * self.visits_per_round)
+        if "message" in check and check["status"] != self.check.get("status"):
+            log.warning("%s", check["message"])
+        self.check = check
         self.save()
         self.plot()
         # Evaluation time is not a training round's time.
@@ -149,11 +195,13 @@ class RunRecorder:
             "rounds_completed": self.progress.n,
             "failed_rounds": self.failed_rounds,
             "client_failures": self.client_failures,
+            "training_check": self.check,
             "timing": self.timing(),
             "communication": {f"{k}_bytes": v for k, v in self.bytes.items()}
             | {f"last_training_round_{k}_bytes": v for k, v in self.last_round_bytes.items()},
             "environment": self.environment,
             "server_memory": self.server_memory,
+            "split": self.split,
             "evaluations": self.evaluations,
         })
 

@@ -10,10 +10,11 @@ from flwr.common import ndarrays_to_parameters
 from flwr.simulation import run_simulation
 
 from pFedHN.client import make_client_app
+from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.main import prepare
 from pFedHN.server import build_strategy, make_server_app
 from pFedHN.strategy import payload_bytes
-from tests.conftest import REPO, TINY_OVERRIDES, compose_config
+from tests.conftest import REPO, TINY_MNIST, TINY_OVERRIDES, compose_config
 
 pytestmark = pytest.mark.simulation
 
@@ -83,3 +84,14 @@ def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
     assert memory["peak_rss_bytes"] > hnet_bytes
     for name in ("accuracy.png", "config.yaml", "main.log"):
         assert (run_dir / name).stat().st_size > 0
+    # The split it trained on, client by client, and a run that trained passes the check.
+    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), 5, 2, 500, 42)
+    split = results["split"]
+    assert split["partition"] == "classes" and split["seed"] == 42
+    for data, summary in zip(clients, split["clients"], strict=True):
+        assert summary["classes"] == data.train_y.unique().tolist()
+        assert [summary[k] for k in ("train", "val", "test")] == \
+            [len(data.train_y), len(data.val_y), len(data.test_y)]
+    assert results["training_check"]["status"] == "ok"
+    assert results["training_check"]["majority_class_val_acc"] < last["val_acc"]
+    assert "split: 5 clients" in (run_dir / "main.log").read_text()
