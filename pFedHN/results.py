@@ -285,36 +285,84 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
-def results_table(summaries: list[dict[str, Any]]) -> str:
-    """Markdown table: one row per run, then the paper's rows with no run yet.
+SPLIT_NAMES = {"classes": "ours", "authors": "authors'", "dirichlet": "Dirichlet"}
 
-    A row with no run shows the command that makes it.
+
+def _mean_std(values: list[float]) -> str:
+    """Percent, mean ± sample standard deviation (the paper's spread over seeds)."""
+    if len(values) == 1:
+        return _pct(values[0])
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def setting_of(summary: dict[str, Any]) -> tuple:
+    """What a row of the table holds fixed: everything but the seed."""
+    cfg, res = summary["cfg"], summary["results"]
+    done = res.get("rounds_completed", cfg.num_rounds)
+    return (*summary["key"], _dataset_label(cfg), cfg.client.get("partition", "classes"),
+            int(cfg.num_rounds), done == cfg.num_rounds)
+
+
+def results_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown table: one row per setting (its seeds pooled), then the paper's rows not run.
+
+    A setting's figures are the mean ± standard deviation over its seeds; an
+    unfinished run gets a row of its own. A row with no run shows the command
+    that makes it.
     """
     lines = [
-        "| dataset | clients | algorithm | rounds | paper | ours: test at best val "
-        "| ours: final test | hardware | wall time | run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | clients | algorithm | split | rounds | seeds | paper "
+        "| ours: test at best val | ours: final test | hardware | wall time per run | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    settings: dict[tuple, list[dict[str, Any]]] = {}
     for s in summaries:
-        cfg, res = s["cfg"], s["results"]
-        env = res.get("environment", {})
-        done = res.get("rounds_completed", cfg.num_rounds)
-        rounds = f"{done}" if done == cfg.num_rounds else f"{done} of {cfg.num_rounds}"
+        settings.setdefault(setting_of(s), []).append(s)
+    for setting, unsorted in settings.items():
+        runs = sorted(unsorted, key=lambda r: r["cfg"].seed)
+        key, label, partition, num_rounds, finished = setting[:3], *setting[3:]
+        cfg, results = runs[0]["cfg"], [r["results"] for r in runs]
+        env = results[0].get("environment", {})
+        done = results[0].get("rounds_completed", num_rounds)
+        rounds = f"{done}" if finished else f"{done} of {num_rounds}"
+        best = _mean_std([r["test_acc_at_best_val"] for r in results])
+        if len(runs) == 1:
+            best += f" (round {results[0]['best_round']})"
+        seeds = ", ".join(str(r["cfg"].seed) for r in runs)
+        minutes = statistics.median(r["wall_time_s"] for r in results) / 60
+        names = ", ".join(f"`{r['name']}`" for r in runs)
         lines.append(
-            f"| {_dataset_label(cfg)} | {cfg.num_clients} | {VARIANTS[cfg.model.variant]} "
-            f"| {rounds} | {PAPER.get(s['key'], '–')} | {_pct(res['test_acc_at_best_val'])} "
-            f"(round {res['best_round']}) | {_pct(res['final_test_acc'])} "
+            f"| {label} | {cfg.num_clients} | {VARIANTS[cfg.model.variant]} "
+            f"| {SPLIT_NAMES.get(partition, partition)} | {rounds} | {seeds} "
+            f"| {PAPER.get(key, '–')} | {best} "
+            f"| {_mean_std([r['final_test_acc'] for r in results])} "
             f"| {env.get('cpu_cores', '?')} CPU cores ({env.get('cpu', '?')}) "
-            f"| {res['wall_time_s'] / 60:.0f} min | `_static/runs/{s['name']}` |"
+            f"| {minutes:.0f} min | {names} |"
         )
     done_keys = {s["key"] for s in summaries}
     for key in sorted(PAPER.keys() - done_keys):
         dataset, variant, clients = key
         why = "not run here (no copy of the data)" if dataset in NO_DATA_HERE else "not run yet"
         lines.append(
-            f"| {DATASET_NAMES[dataset]} | {clients} | {VARIANTS[variant]} | 5000 "
+            f"| {DATASET_NAMES[dataset]} | {clients} | {VARIANTS[variant]} | | 5000 | "
             f"| {PAPER[key]} | {why} | | | | `{preset_command(key)}` |"
         )
+    return "\n".join(lines)
+
+
+def runs_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown table: every run summary on its own line (each seed's figures)."""
+    lines = ["| run | seed | split: mixed vehicle/animal clients, majority-class test acc. "
+             "| test at best val (round) | final test |",
+             "|---|---|---|---|---|"]
+    for s in summaries:
+        res, split = s["results"], s["results"].get("split")
+        split_text = "–" if not split else (
+            f"{split.get('mixed_group_clients', '–')}, "
+            f"{_pct(split['majority_class_acc']['test'])}")
+        lines.append(f"| `{s['name']}` | {s['cfg'].seed} | {split_text} "
+                     f"| {_pct(res['test_acc_at_best_val'])} ({res['best_round']}) "
+                     f"| {_pct(res['final_test_acc'])} |")
     return "\n".join(lines)
 
 
@@ -326,13 +374,16 @@ def plot_runs(summaries: list[dict[str, Any]], static_dir: Path) -> list[Path]:
     written = []
     for dataset, runs in sorted(by_dataset.items()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        drawn: set[tuple] = set()  # the paper's line once per setting
         for s in runs:
             evaluations = s["results"]["evaluations"]
-            label = f"{VARIANTS[s['cfg'].model.variant]}, {s['cfg'].num_clients} clients"
+            label = (f"{VARIANTS[s['cfg'].model.variant]}, {s['cfg'].num_clients} clients, "
+                     f"seed {s['cfg'].seed}")
             line, = ax.plot([e["round"] for e in evaluations],
                             [100 * e["test_acc"] for e in evaluations], label=label)
             paper = PAPER.get(s["key"])
-            if paper is not None:
+            if paper is not None and s["key"] not in drawn:
+                drawn.add(s["key"])
                 ax.axhline(float(paper.split()[0]), color=line.get_color(), linestyle="--",
                            linewidth=1, label=f"paper: {label} ({paper})")
         ax.set_title(f"Test accuracy during training: {DATASET_NAMES.get(dataset, dataset)}")
@@ -360,9 +411,15 @@ def regenerate(runs_dir: Path, readme: Path, static_dir: Path) -> None:
     body = "\n".join([
         "Regenerated by `python -m pFedHN.results` from the run summaries in "
         "`_static/runs/` (each: `config.yaml` and `results.json`). Headline: test "
-        "accuracy at the round of best pooled validation accuracy.",
+        "accuracy at the round of best pooled validation accuracy; mean ± standard "
+        "deviation over the seeds listed. Split: `ours` is this package's seeded split, "
+        "`authors'` the authors' code's split for the same seed (`client.partition=authors`).",
         "",
         results_table(summaries),
+        "",
+        "Each run:",
+        "",
+        runs_table(summaries),
         "",
         *[f"![{p.stem}]({p.relative_to(readme.parent).as_posix()})" for p in plots],
     ])
@@ -388,14 +445,38 @@ def collect(run_dir: Path, runs_dir: Path, name: str) -> Path:
     return target
 
 
+def add_split(summary_dir: Path, data_root: Path) -> None:
+    """Add ``split`` to a run summary whose results.json predates it.
+
+    The split is a function of the config and the data's labels, so it is
+    recomputed from the summary's config with its data at ``data_root``.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pFedHN.config import describe_split  # the data, only for this
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config")
+    OmegaConf.set_struct(cfg, False)  # older summaries may hold since-renamed keys
+    cfg = OmegaConf.merge(cfg, OmegaConf.load(summary_dir / "config.yaml"))
+    cfg.dataset.root = str(data_root)
+    results = json.loads((summary_dir / "results.json").read_text())
+    write_json_atomic(summary_dir / "results.json", results | {"split": describe_split(cfg)})
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pFedHN.results [--collect RUN_DIR NAME]``: regenerate the table."""
+    """``python -m pFedHN.results [--collect RUN_DIR NAME] [--add-split NAME DATA_ROOT]``."""
     import argparse
 
     repo = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description="Regenerate the README's results table.")
     parser.add_argument("--collect", nargs=2, metavar=("RUN_DIR", "NAME"), action="append",
                         default=[], help="first copy a run's summary into _static/runs/NAME")
+    parser.add_argument("--add-split", nargs=2, metavar=("NAME", "DATA_ROOT"), action="append",
+                        default=[], help="add the split summary to _static/runs/NAME, from "
+                        "its data at DATA_ROOT (summaries made before results.json had one)")
     parser.add_argument("--readme", type=Path, default=repo / "README.md")
     parser.add_argument("--static", type=Path, default=repo / "_static")
     args = parser.parse_args(argv)
@@ -403,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     for run_dir, name in args.collect:
         collect(Path(run_dir), runs_dir, name)
+    for name, data_root in args.add_split:
+        add_split(runs_dir / name, Path(data_root).expanduser().resolve())
     regenerate(runs_dir, args.readme, args.static)
 
 

@@ -6,8 +6,9 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
+from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.results import END, START, main, summarize
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_MNIST
 
 FIXTURE_RUNS = REPO / "tests" / "fixtures" / "runs"
 
@@ -41,12 +42,59 @@ def test_table_is_regenerated_from_the_summaries_and_is_stable(workspace):
     row = next(line for line in text.splitlines() if "tiny_mnist_pfedhn" in line)
     assert f"{100 * results['test_acc_at_best_val']:.2f}" in row
     assert f"{100 * results['final_test_acc']:.2f}" in row
-    assert "| MNIST | 5 | pFedHN | 20 |" in row
+    assert "| MNIST | 5 | pFedHN | ours | 20 | 42 |" in row
     assert "CIFAR-100" in text and "not run here" in text  # the paper's rows left to run
     plot = static / "accuracy_mnist.png"
     first = (text, plot.read_bytes())
     main(["--readme", str(readme), "--static", str(static)])
     assert (readme.read_text(), plot.read_bytes()) == first  # running twice changes nothing
+
+
+def test_seeds_of_one_setting_share_a_row_with_mean_and_std(workspace):
+    readme, static = workspace
+    runs = static / "runs"
+    finals = {42: None, 43: 0.80, 44: 0.90}
+    for seed, final in finals.items():
+        if final is None:
+            finals[seed] = json.loads((runs / "tiny_mnist_pfedhn" / "results.json").read_text())[
+                "final_test_acc"]
+            continue
+        folder = runs / f"seed{seed}"
+        shutil.copytree(runs / "tiny_mnist_pfedhn", folder)
+        config = OmegaConf.load(folder / "config.yaml")
+        config.seed = seed
+        OmegaConf.save(config, folder / "config.yaml")
+        results = json.loads((folder / "results.json").read_text())
+        results["final_test_acc"] = final
+        (folder / "results.json").write_text(json.dumps(results))
+    # The same setting on the authors' split is a row of its own.
+    shutil.copytree(runs / "tiny_mnist_pfedhn", runs / "authors")
+    config = OmegaConf.load(runs / "authors" / "config.yaml")
+    config.client.partition = "authors"
+    OmegaConf.save(config, runs / "authors" / "config.yaml")
+    main(["--readme", str(readme), "--static", str(static)])
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| MNIST | 5 |")]
+    assert len(rows) == 2
+    values = [100 * v for v in finals.values()]
+    mean = sum(values) / 3
+    std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5  # sample std over seeds
+    assert "| ours | 20 | 42, 43, 44 |" in rows[0] or "| ours | 20 | 42, 43, 44 |" in rows[1]
+    pooled = next(r for r in rows if "42, 43, 44" in r)
+    assert f"| {mean:.2f} ± {std:.2f} |" in pooled
+    assert "`seed43`" in pooled and "`authors`" not in pooled
+    assert "| authors' | 20 | 42 |" in next(r for r in rows if r is not pooled)
+
+
+def test_add_split_recomputes_the_split_of_an_older_summary(workspace):
+    readme, static = workspace
+    results_file = static / "runs" / "tiny_mnist_pfedhn" / "results.json"
+    assert "split" not in json.loads(results_file.read_text())
+    main(["--readme", str(readme), "--static", str(static),
+          "--add-split", "tiny_mnist_pfedhn", str(TINY_MNIST)])
+    split = json.loads(results_file.read_text())["split"]
+    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), 5, 2, 500, 42)
+    assert [c["train"] for c in split["clients"]] == [len(c.train_y) for c in clients]
+    assert split["partition"] == "classes"
 
 
 def test_collect_copies_a_summary_without_machine_paths(tmp_path, workspace):
