@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -9,26 +10,37 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
 FILENAME = "checkpoint.pt"
-# The settings a checkpoint's weights and data split depend on: a resumed run
-# must agree on all of them. (Rounds, learning rates, eval_every may change.)
-IDENTITY_KEYS = (
-    "dataset.data", "dataset.val_size", "num_clients", "seed",
-    "client.num_classes_per_node", "model.variant", "model.local", "model.in_channels",
-    "model.n_kernels", "model.out_dim", "model.n_hidden", "model.hidden_dim",
-    "model.embed_dim", "novel.num_clients", "client.partition",
+# Every setting defines the experiment a checkpoint belongs to, except these: how long
+# and how often (a resume may train longer), where files and data live, the hardware,
+# and the novel-client phase that follows training. A resume must agree on the rest.
+MAY_CHANGE = (
+    "num_rounds", "eval_every", "checkpoint_every", "resume", "device", "deterministic",
+    "dataset.root", "dataset.download", "server.round_timeout", "simulation",
+    "novel.rounds", "novel.lr", "novel.from_run",
 )
-# Keys added after checkpoints were first written: their value in those older checkpoints.
-ADDED_LATER = {"novel.num_clients": 0, "client.partition": "classes"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or from another experiment."""
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) \
+            else {f"{prefix}{key}": value}
+    return flat
+
+
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The values of IDENTITY_KEYS in ``cfg``."""
-    return {key: OmegaConf.select(cfg, key) for key in IDENTITY_KEYS}
+    """Every setting of ``cfg`` that defines the experiment, as ``{"a.b": value}``."""
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {key: value for key, value in flat.items()
+            if not any(key == k or key.startswith(f"{k}.") for k in MAY_CHANGE)}
 
 
 def save(run_dir: Path, cfg: DictConfig, server_round: int, **states: dict) -> Path:
@@ -53,15 +65,18 @@ def load(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError(f"resume={run_dir}: {path} is corrupt or incomplete ({error})") \
             from None
     ours = identity(cfg)
-    saved = ADDED_LATER | saved
-    differing = [f"{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}"
-                 for k in IDENTITY_KEYS if saved.get(k) != ours[k]]
+    differing = [f"{k}: checkpoint {saved[k]!r}, config {v!r}"
+                 for k, v in ours.items() if k in saved and saved[k] != v]
     if differing:
         raise CheckpointError(
             f"resume={run_dir}: the checkpoint (round {server_round}) is from another "
             "experiment; pass the overrides it was made with. Differences: "
             + "; ".join(differing)
         )
+    unrecorded = sorted(ours.keys() - saved.keys())
+    if unrecorded:  # made by an older version, which recorded fewer settings
+        log.warning("resume=%s: the checkpoint does not record %s; they are taken to be "
+                    "as in the config", run_dir, ", ".join(unrecorded))
     if server_round > cfg.num_rounds:
         raise CheckpointError(
             f"resume={run_dir}: the checkpoint is at round {server_round}, "

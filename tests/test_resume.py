@@ -73,15 +73,39 @@ def saved_run(tmp_path):
     return tmp_path, cfg
 
 
-@pytest.mark.parametrize("override,key", [
-    ("num_clients=5", "num_clients"),
-    ("model.n_kernels=8", "model.n_kernels"),
-    ("dataset.data=cifar10", "dataset.data"),
+@pytest.mark.parametrize("override", [
+    "num_clients=5", "model.n_kernels=8", "dataset.data=cifar10", "seed=3",
+    "client.partition=authors", "client.partition=dirichlet", "client.dirichlet_alpha=0.1",
+    "dataset.local_test_share=0.25", "dataset.val_size=400", "model.target=conv4",
+    "model.architectures=vgg8-16", "server.lr=0.005", "server.optimizer=adam",
+    "client.inner_steps=7", "client.epochs=1", "novel.num_clients=2",
 ])
-def test_checkpoint_of_another_experiment_is_refused(saved_run, override, key):
+def test_checkpoint_of_another_experiment_is_refused_naming_the_setting(saved_run, override):
     run_dir, _ = saved_run
-    with pytest.raises(CheckpointError, match=key):
+    key, value = override.split("=")
+    with pytest.raises(CheckpointError, match=rf"{key}: checkpoint .*, config .*{value}"):
         checkpoint.load(run_dir, compose_config(SMALL + [override]))
+
+
+@pytest.mark.parametrize("override", [
+    "num_rounds=48", "eval_every=4", "checkpoint_every=4", "dataset.root=/elsewhere",
+    "dataset.download=true", "device=cpu", "simulation.num_cpus_per_client=1",
+    "server.round_timeout=60", "novel.rounds=7", "novel.lr=0.5",
+])
+def test_checkpoint_identity_leaves_out_run_length_places_and_hardware(saved_run, override):
+    run_dir, _ = saved_run
+    assert checkpoint.load(run_dir, compose_config(SMALL + [override]))["round"] == 10
+
+
+def test_checkpoint_identity_of_an_older_version_checks_what_it_recorded(saved_run, caplog):
+    run_dir, cfg = saved_run
+    payload = torch.load(run_dir / checkpoint.FILENAME, weights_only=False)
+    payload["identity"] = {k: payload["identity"][k] for k in ("num_clients", "seed")}
+    torch.save(payload, run_dir / checkpoint.FILENAME)
+    with pytest.raises(CheckpointError, match="seed"):
+        checkpoint.load(run_dir, compose_config(SMALL + ["seed=5"]))
+    assert checkpoint.load(run_dir, compose_config(SMALL + ["server.lr=5e-3"]))["round"] == 10
+    assert "does not record" in caplog.text and "server.lr" in caplog.text
 
 
 def test_corrupt_or_missing_checkpoint_is_refused(saved_run, tmp_path):
