@@ -244,7 +244,7 @@ def test_an_input_the_zoo_cannot_take_is_refused_before_any_work(tmp_path):
     write_image_folder(tmp_path)  # 3 classes
     cfg = compose_config(["algorithm=mh_pfedhn", "dataset.data=folder", f"dataset.root={tmp_path}",
                           "dataset.image_size=64", "num_clients=3", "model.out_dim=3"])
-    with pytest.raises(ConfigError, match=r"model\.architectures='cnn'.*not 3 x 64 x 64"):
+    with pytest.raises(ConfigError, match=r"model\.architectures='mh-cnn'.*not 3 x 64 x 64"):
         validate(cfg)
 
 

@@ -8,13 +8,55 @@ from torch import nn
 
 from pFedHN.zoo import (
     ARCHITECTURES,
-    FIVE_BLOCKS,
+    BLOCKS,
+    MH_ARCHITECTURES,
     WIDTHS,
     assign_architectures,
     make_client_model,
 )
 
-NAMES = ["cnn"] + [f"{a}-{w}" for a in ARCHITECTURES[1:] for w in WIDTHS]
+NAMES = ["cnn", *MH_ARCHITECTURES] + [f"{a}-{w}" for a in ARCHITECTURES[1:] for w in WIDTHS]
+FIVE_BLOCKS = BLOCKS["bn-blocks"]
+
+
+def count(name, channels=3, classes=10, size=32):
+    return sum(p.numel() for p in make_client_model(name, channels, classes, size).parameters())
+
+
+# The MH-pFedHN authors' parameter counts (their config), CIFAR-10 and CIFAR-100.
+AUTHORS_COUNTS = {
+    "mh-cnn": (234_006, 239_856), "mh-vgg8": (268_814, 274_664),
+    "mh-resnet10": (347_178, 353_028), "mh-resnet12": (523_242, 529_092),
+    "mh-resnet18": (565_386, 571_236),
+}
+
+
+@pytest.mark.parametrize("name", MH_ARCHITECTURES)
+def test_authors_zoo_has_their_parameter_counts(name):
+    assert (count(name, classes=10), count(name, classes=100)) == AUTHORS_COUNTS[name]
+
+
+def test_authors_zoo_layers_and_order():
+    resnet = make_client_model("mh-resnet12", 3, 10, 32)
+    names = [n for n, _ in resnet.named_parameters()]
+    # Their order: stem, then per block shortcut, conv1, conv2, bn1, bn2; classifier last.
+    assert names[:4] == ["conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"]
+    assert names[names.index("res_net.1.reslayer.weight"):][:4] == [
+        "res_net.1.reslayer.weight", "res_net.1.reslayer.bias",
+        "res_net.1.conv1.weight", "res_net.1.conv1.bias"]
+    assert names[-2:] == ["final.weight", "final.bias"]
+    downsampling = [i for i, block in enumerate(resnet.res_net)
+                    if isinstance(block.reslayer, nn.Conv2d)]
+    assert downsampling == [1, 6]  # ResNet12's two stride-2 blocks
+    for name, blocks in (("mh-resnet10", [3, 6]), ("mh-resnet18", [6, 12])):
+        model = make_client_model(name, 3, 10, 32)
+        assert [i for i, b in enumerate(model.res_net)
+                if isinstance(b.reslayer, nn.Conv2d)] == blocks
+    vgg = make_client_model("mh-vgg8", 3, 10, 32)
+    assert sum(isinstance(m, nn.Dropout) for m in vgg.modules()) == 2
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in vgg.modules())
+    cnn = make_client_model("mh-cnn", 3, 10, 32)
+    assert [m.out_features for m in cnn.modules() if isinstance(m, nn.Linear)] == [108, 64, 10]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -44,15 +86,22 @@ def test_width_sets_the_first_layer_and_batch_norm_statistics_are_buffers():
     assert not any("running" in name for name in parameters)  # never generated
 
 
-def test_five_blocks_grow_in_size_and_split_clients_equally():
-    sizes = [sum(p.numel() for p in make_client_model(n, 3, 10, 32).parameters())
-             for n in FIVE_BLOCKS]
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_five_blocks_grow_in_size_and_split_clients_equally(blocks):
+    names = BLOCKS[blocks]
+    sizes = [count(n) for n in names]
     assert sizes == sorted(sizes)
-    assignment = assign_architectures("blocks", 50)
-    assert [assignment.count(n) for n in FIVE_BLOCKS] == [10] * 5
-    assert assignment == sorted(assignment, key=FIVE_BLOCKS.index)
+    assignment = assign_architectures(blocks, 50)
+    assert [assignment.count(n) for n in names] == [10] * 5
+    assert assignment == sorted(assignment, key=names.index)
     assert assign_architectures("vgg8-32", 3) == ["vgg8-32"] * 3
     assert assign_architectures(["cnn", "vgg8-16"], 2) == ["cnn", "vgg8-16"]
+
+
+def test_blocks_deal_the_remainder_to_the_first_blocks_as_the_authors_do():
+    assignment = assign_architectures("blocks", 12)
+    assert [assignment.count(n) for n in MH_ARCHITECTURES] == [3, 3, 2, 2, 2]
+    assert assignment[:3] == ["mh-cnn"] * 3 and assignment[-2:] == ["mh-resnet18"] * 2
 
 
 @pytest.mark.parametrize("args,message", [
