@@ -1,7 +1,7 @@
 """Train every ``data`` x ``algorithm`` preset whose data is present, briefly; print a table.
 
     python benchmarks/presets.py --root mnist=DIR --root cifar10=DIR [--clients 10]
-        [--visits 12] [--out outputs/presets] [Hydra overrides ...]
+        [--visits 12] [--algorithms NAME ...] [--out outputs/presets] [Hydra overrides ...]
 
 A check that each preset trains, not a reproduction: every preset runs with
 ``--clients`` clients for ``--visits`` visits per client (pFedHN: one client a
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--visits", type=int, default=12, help="visits per client")
     parser.add_argument("--out", default="outputs/presets", help="run directories")
+    parser.add_argument("--algorithms", nargs="+", default=presets("algorithm"),
+                        choices=presets("algorithm"), help="only these algorithm presets")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
     roots = {}
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for data in presets("data"):
         for algorithm in presets("algorithm"):
+            if algorithm not in args.algorithms:
+                print(f"| {data} | {algorithm} | | | | | not run (--algorithms) |", flush=True)
+                continue
             result = run_preset(data, algorithm, roots[data], args) if data in roots else None
             print(row(data, algorithm, result), flush=True)
 

@@ -25,7 +25,7 @@ from pFedHN.zoo import assign_architectures, make_client_model
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC", 2: "MH-pFedHN", 3: "MH-pFedHNGD"}
 OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("classes", "authors", "dirichlet")
+PARTITIONS = ("classes", "authors", "mh-authors", "dirichlet")
 
 
 class ConfigError(ValueError):
@@ -137,6 +137,9 @@ def _validate_partition(cfg: DictConfig, by_alphabet: bool) -> None:
         _fail("client.partition" if partition != "classes" else "dataset.local_test_share",
               partition if partition != "classes" else share,
               f"dataset.data={cfg.dataset.data} is split by alphabet; use the defaults")
+    if partition == "mh-authors" and share is None:
+        _fail("client.partition", partition, "the MH-pFedHN authors' split cuts each client's "
+              "data into train and test: set dataset.local_test_share (theirs: 0.25)")
     if partition == "authors" and share is not None:
         _fail("client.partition", partition, "the authors' split is pFedHN's protocol; use "
               "dataset.local_test_share=null, or client.partition=classes with a share")

@@ -374,7 +374,8 @@ def client_indices(
     divided among the clients the same way. ``partition``: "classes" (the
     authors' ``classes_per_client`` split, drawn from this package's own seeded
     generator), "authors" (the same split drawn exactly as the authors' code
-    draws it, see ``authors_generators``) or "dirichlet" (class proportions per
+    draws it, see ``authors_generators``), "mh-authors" (the MH-pFedHN authors'
+    split, see ``mh_authors_indices``) or "dirichlet" (class proportions per
     client ~ Dir(``dirichlet_alpha``), redrawn until every client has
     ``min_samples`` training samples). MH-pFedHN's protocol
     (``local_test_share``, e.g. 0.25): train and test sets pooled (indices run
@@ -382,6 +383,9 @@ def client_indices(
     into its own train and test. The last ``novel`` clients are held out from
     training; with ``novel_alpha`` their data is redrawn (see ``redraw_dirichlet``).
     """
+    if partition == "mh-authors":
+        return mh_authors_indices(train_labels, test_labels, num_classes, num_clients,
+                                  classes_per_client, local_test_share, seed)
     rng = np.random.default_rng(seed)
     pooled = local_test_share is not None
     source = np.concatenate([train_labels, test_labels]) if pooled else train_labels
@@ -438,6 +442,80 @@ def authors_generators(
     """
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).numpy()
     return order, np.random.RandomState(seed), python_shuffle(random.Random(seed))
+
+
+def mh_authors_indices(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    num_clients: int,
+    classes_per_client: int,
+    test_share: float,
+    seed: int,
+) -> dict[str, list[np.ndarray]]:
+    """The MH-pFedHN authors' split, drawn as their code draws it, plus a validation set.
+
+    On the training set alone: each client draws its classes uniformly without
+    replacement, then one weight U(0.4, 0.6) per (client, class) (numpy's legacy
+    generator); weights are normalised per class over the clients holding it,
+    each client takes int(weight x class size) samples, and the first client
+    holding a class also takes what rounding left, so every sample of a held
+    class is dealt out (classes shuffled by Python's ``random``, dealt in client
+    order). Each client's share is then cut by torch's ``random_split`` into
+    ``int(share x n)`` test samples and the rest for training (one generator, in
+    client order). All three generators are seeded with ``seed``, as their
+    ``set_seed`` does.
+
+    Their protocol has no validation set; this package's best-validation figure
+    takes one from the official test set, which their split leaves untouched:
+    each client's validation samples follow its own class weights.
+
+    Indices run over the training set, then the test set (``local_test_share``'s
+    pooled convention).
+    """
+    legacy, python = np.random.RandomState(seed), random.Random(seed)
+    classes = [legacy.choice(num_classes, classes_per_client, replace=False).tolist()
+               for _ in range(num_clients)]
+    weights = [[legacy.uniform(0.4, 0.6) for _ in held] for held in classes]
+    totals = [0.0] * num_classes
+    for held, ws in zip(classes, weights, strict=True):
+        for c, w in zip(held, ws, strict=True):
+            totals[c] += w
+
+    def deal(labels: np.ndarray, shuffle: Callable[[np.ndarray], np.ndarray]) -> list[list[int]]:
+        sizes = np.bincount(labels, minlength=num_classes)
+        counts = [[int(w / totals[c] * int(sizes[c])) for c, w in zip(held, ws, strict=True)]
+                  for held, ws in zip(classes, weights, strict=True)]
+        dealt = [0] * num_classes
+        for held, n in zip(classes, counts, strict=True):
+            for c, k in zip(held, n, strict=True):
+                dealt[c] += k
+        for c in range(num_classes):  # rounding's remainder: the first client holding c
+            if dealt[c] not in (0, sizes[c]):
+                first = next(i for i, held in enumerate(classes) if c in held)
+                counts[first][classes[first].index(c)] += int(sizes[c]) - dealt[c]
+        pools = [shuffle(np.flatnonzero(labels == c)).tolist() for c in range(num_classes)]
+        taken = [0] * num_classes
+        per_client = []
+        for held, n in zip(classes, counts, strict=True):
+            mine = []
+            for c, k in zip(held, n, strict=True):
+                mine += pools[c][taken[c]:taken[c] + k]
+                taken[c] += k
+            per_client.append(mine)
+        return per_client
+
+    generator = torch.Generator().manual_seed(seed)
+    split: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for mine in deal(train_labels, python_shuffle(python)):
+        order = torch.randperm(len(mine), generator=generator).tolist()
+        n_train = len(mine) - int(len(mine) * test_share)
+        split["train"].append(np.asarray([mine[i] for i in order[:n_train]], dtype=np.int64))
+        split["test"].append(np.asarray([mine[i] for i in order[n_train:]], dtype=np.int64))
+    own = np.random.default_rng([seed, 2])  # not theirs: their streams stay untouched
+    split["val"] = [np.asarray(mine, dtype=np.int64) + len(train_labels)
+                    for mine in deal(test_labels, own.permutation)]
+    return split
 
 
 def dirichlet_proportions(

@@ -117,3 +117,75 @@ def test_authors_split_refuses_mh_protocol():
                           "dataset.local_test_share=0.25"])
     with pytest.raises(ConfigError, match="client.partition"):
         validate(cfg)
+
+
+def reference_mh_split(labels, num_classes, clients, per_client, seed):
+    """The MH-pFedHN authors' split of the training set, transcribed with global generators."""
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    held = {i: list(np.random.choice(num_classes, size=per_client, replace=False))
+            for i in range(clients)}
+    weight = {i: {c: np.random.uniform(0.4, 0.6) for c in held[i]} for i in range(clients)}
+    total = dict.fromkeys(range(num_classes), 0.0)
+    for i in range(clients):
+        for c, w in weight[i].items():
+            total[c] += w
+    size = {c: int((labels == c).sum()) for c in range(num_classes)}
+    take = {i: {c: int(w / total[c] * size[c]) for c, w in weight[i].items()}
+            for i in range(clients)}
+    for c in range(num_classes):
+        given = sum(take[i].get(c, 0) for i in range(clients))
+        if given not in (0, size[c]):
+            first = min(i for i in range(clients) if c in take[i])
+            take[first][c] += size[c] - given
+    members = {}
+    for c in range(num_classes):
+        members[c] = [j for j in range(len(labels)) if labels[j] == c]
+        random.shuffle(members[c])
+    cursor = dict.fromkeys(range(num_classes), 0)
+    train, test = [], []
+    for i in range(clients):
+        mine = []
+        for c, k in take[i].items():
+            mine += members[c][cursor[c]:cursor[c] + k]
+            cursor[c] += k
+        n_test = int(len(mine) * 0.25)
+        cut = torch.utils.data.random_split(mine, [len(mine) - n_test, n_test])
+        train.append(sorted(mine[j] for j in cut[0].indices))
+        test.append(sorted(mine[j] for j in cut[1].indices))
+    return train, test
+
+
+@pytest.mark.parametrize("classes,clients,per_client,seed", [
+    (10, 50, 2, 42), (10, 7, 3, 0), (20, 30, 4, 5)])
+def test_mh_authors_split_matches_the_reference(classes, clients, per_client, seed):
+    rng = np.random.default_rng(1)
+    train, test = rng.integers(0, classes, 8000), rng.integers(0, classes, 2000)
+    ours = client_indices(train, test, classes, clients, per_client, 1000, seed,
+                          partition="mh-authors", local_test_share=0.25)
+    reference = reference_mh_split(train, classes, clients, per_client, seed)
+    assert [sorted(i.tolist()) for i in ours["train"]] == reference[0]
+    assert [sorted(i.tolist()) for i in ours["test"]] == reference[1]
+
+
+def test_mh_authors_split_deals_every_training_sample_and_cuts_each_client_75_25():
+    split = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="mh-authors",
+                           local_test_share=0.25)
+    used = np.concatenate(split["train"] + split["test"])
+    assert sorted(used.tolist()) == list(range(len(TRAIN)))  # each exactly once
+    for train, test, val in zip(split["train"], split["test"], split["val"], strict=True):
+        n = len(train) + len(test)
+        assert len(test) == int(0.25 * n)
+        held = set(TRAIN[np.concatenate([train, test])].tolist())
+        assert len(held) == 2
+        # Validation: the official test set (indices after the training set), same classes.
+        assert val.min() >= len(TRAIN)
+        assert set(TEST[val - len(TRAIN)].tolist()) == held
+    assert sum(map(len, split["val"])) == len(TEST)
+
+
+def test_mh_authors_split_needs_a_test_share():
+    cfg = compose_config([*TINY_OVERRIDES, "client.partition=mh-authors"])
+    with pytest.raises(ConfigError, match="local_test_share"):
+        validate(cfg)
