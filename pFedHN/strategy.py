@@ -134,6 +134,7 @@ class PFedHNStrategy(Strategy):
         self._bytes_sent = 0  # serialised arrays sent to this round's clients
         self._sent: list[int] = []  # partitions asked to train this round
         self._global_phase_metrics: dict[str, Any] = {}  # MH-pFedHNGD
+        self._teacher: list[np.ndarray] = []  # MH-pFedHNGD: this round's pre-step global model
         self._evaluation_start = 0.0
 
     def _use(self, hnet: CNNHyper | MHHyper) -> None:
@@ -280,7 +281,8 @@ class PFedHNStrategy(Strategy):
 
         MH-pFedHNGD: the global phase samples the round's clients and sends them
         the global model's theta; the personal phase sends the same clients their
-        own theta followed by the global model's, the teacher.
+        own theta followed by that same global theta, the teacher (generated
+        before the global phase's step, as the authors do).
         """
         self._discover_partitions(client_manager, server_round)
         server_round += self.start_round
@@ -290,11 +292,14 @@ class PFedHNStrategy(Strategy):
             self._sent = [self.clients[int(i)] for i in chosen]
         config: dict[str, Scalar] = {"server-round": server_round}
         if self.phase == "global":
-            theta_global = ndarrays_to_parameters(self.generate(self.global_id))
+            # As the authors do: the round's teacher is the global model generated
+            # once, before this phase steps it.
+            self._teacher = self.generate(self.global_id)
+            theta_global = ndarrays_to_parameters(self._teacher)
             config["phase"] = "global"
             instructions = [(self.node_of[i], FitIns(theta_global, config)) for i in self._sent]
         else:
-            teacher = [] if self.global_id is None else self.generate(self.global_id)
+            teacher = [] if self.global_id is None else self._teacher
             config["distill"] = bool(teacher)
             instructions = [
                 (self.node_of[i],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, validate
@@ -285,3 +285,28 @@ def test_a_checkpoint_rebuilds_the_hypernetwork_from_the_reported_sizes():
         assert torch.equal(ours, saved)
     assert resumed.optimizer.state_dict()["state"].keys() == \
         strategy.optimizer.state_dict()["state"].keys()
+
+
+def test_mh_pfedhngd_teacher_is_the_global_model_from_before_the_global_step():
+    torch.manual_seed(0)
+    strategy = PFedHNStrategy(MHHyper([1000, 3000, 700], chunk_size=256, embedding_dim=8,
+                                      hidden_dim=16), num_clients=2, num_rounds=5,
+                              clients_per_round=2, lr=1e-1, global_model=True,
+                              optimizer="adam")
+    nodes = object()  # partitions already discovered in this run
+    strategy._nodes_of_run = nodes
+    strategy.node_of = {0: _Proxy("a"), 1: _Proxy("b")}
+    strategy.partition_of = {"a": 0, "b": 1}
+    strategy.phase = "global"
+    sent = strategy.configure_fit(1, None, nodes)
+    before = parameters_to_ndarrays(sent[0][1].parameters)
+    results = [(proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+        [np.full(700, 0.5, np.float32)]), 10, {})) for proxy, _ in sent]
+    strategy.aggregate_fit(1, results, [])
+    after = strategy.generate(2)
+    assert not np.allclose(before[0], after[0])  # the global phase stepped it
+    strategy.phase = "personal"
+    for proxy, ins in strategy.configure_fit(1, None, nodes):
+        own, teacher = parameters_to_ndarrays(ins.parameters)
+        assert own.shape == (1000,) if proxy.cid == "a" else own.shape == (3000,)
+        np.testing.assert_array_equal(teacher, before[0])
