@@ -63,34 +63,46 @@ def environment() -> dict[str, Any]:
             "torch": version("torch"), "flwr": version("flwr")}
 
 
-# A run whose pooled val accuracy is still within COLLAPSE_MARGIN of the split's
-# majority-class level after COLLAPSE_VISITS visits per client has learnt nothing
-# beyond each client's label mix (e.g. pFedHN-PC on MNIST at CIFAR's outer lr).
+# A run whose pooled val accuracy has never left the split's majority-class level
+# (within COLLAPSE_MARGIN) after COLLAPSE_VISITS visits per client has learnt nothing
+# beyond each client's label mix (e.g. pFedHN-PC on MNIST at CIFAR's outer lr); one
+# whose last two evaluations fell back to that level has collapsed. A single dip, common
+# early on CIFAR-10, is not flagged.
 COLLAPSE_VISITS = 10
 COLLAPSE_MARGIN = 0.02
 
 
 def training_check(
-    evaluation: dict[str, float], majority_val_acc: float | None, visits_per_client: float
+    evaluations: list[dict[str, float]], majority_val_acc: float | None,
+    visits_per_client: float,
 ) -> dict[str, Any]:
-    """Whether training has diverged or collapsed, judged from one pooled evaluation."""
-    check: dict[str, Any] = {"round": evaluation["round"], "val_acc": evaluation["val_acc"],
-                             "majority_class_val_acc": majority_val_acc,
+    """Whether training has diverged or collapsed, judged from the pooled evaluations so far."""
+    last = evaluations[-1]
+    best = max(e["val_acc"] for e in evaluations)
+    check: dict[str, Any] = {"round": last["round"], "val_acc": last["val_acc"],
+                             "best_val_acc": best, "majority_class_val_acc": majority_val_acc,
                              "visits_per_client": visits_per_client}
-    if not math.isfinite(evaluation["val_loss"]):
+    if not math.isfinite(last["val_loss"]):
         return check | {"status": "diverged", "message": (
-            f"round {evaluation['round']}: the val loss is {evaluation['val_loss']}: the "
+            f"round {last['round']}: the val loss is {last['val_loss']}: the "
             "hypernetwork's weights are no longer finite; lower server.lr")}
     if majority_val_acc is None:  # the server cannot see the data (deployment)
         return check | {"status": "not checked"}
     if visits_per_client < COLLAPSE_VISITS:
         return check | {"status": "too early"}
-    if evaluation["val_acc"] < majority_val_acc + COLLAPSE_MARGIN:
+    level = majority_val_acc + COLLAPSE_MARGIN
+    where = (f"round {last['round']} (about {visits_per_client:.0f} visits per client): ")
+    advice = "check server.lr and client.inner_lr"
+    if best < level:
         return check | {"status": "collapsed", "message": (
-            f"round {evaluation['round']} (about {visits_per_client:.0f} visits per client): "
-            f"val accuracy {evaluation['val_acc']:.4f} is no better than predicting each "
-            f"client's majority class ({majority_val_acc:.4f}); training has collapsed or not "
-            "started to learn: check server.lr and client.inner_lr")}
+            f"{where}the best val accuracy so far, {best:.4f}, is no better than predicting "
+            f"each client's majority class ({majority_val_acc:.4f}): training has not "
+            f"started to learn; {advice}")}
+    if len(evaluations) >= 2 and all(e["val_acc"] < level for e in evaluations[-2:]):
+        return check | {"status": "collapsed", "message": (
+            f"{where}val accuracy fell back to the majority-class level "
+            f"({last['val_acc']:.4f} against {majority_val_acc:.4f}) in the last two "
+            f"evaluations, after reaching {best:.4f}; {advice}")}
     return check | {"status": "ok"}
 
 
@@ -156,7 +168,7 @@ class RunRecorder:
         self.progress.set_postfix(val_acc=f"{metrics['val_acc']:.4f}",
                                   test_acc=f"{metrics['test_acc']:.4f}")
         majority = self.split["majority_class_acc"]["val"] if self.split else None
-        check = training_check(record, majority, server_round * self.visits_per_round)
+        check = training_check(self.evaluations, majority, server_round * self.visits_per_round)
         if "message" in check and check["status"] != self.check.get("status"):
             log.warning("%s", check["message"])
         self.check = check

@@ -45,14 +45,25 @@ class PFedHNServer(Server):
         return history
 
     def fit_round(self, server_round: int, timeout: float | None):  # noqa: ANN201 (Flower's)
-        """One training round; MH-pFedHNGD's starts with the global model's phase."""
-        if self.strategy.global_id is not None:
-            self.strategy.phase = "global"
+        """One training round, recorded once.
+
+        The round's clients are sampled; MH-pFedHNGD first trains its global
+        model on all of them (one exchange); then the personal training: one
+        exchange, or one per client in turn (``PFedHNStrategy.begin_round``).
+        """
+        strategy = self.strategy
+        exchanges = strategy.begin_round()
+        if strategy.global_id is not None:
+            strategy.phase, strategy.exchange = "global", strategy.round_clients
             try:
                 super().fit_round(server_round, timeout)
             finally:
-                self.strategy.phase = "personal"
-        return super().fit_round(server_round, timeout)
+                strategy.phase = "personal"
+        for clients in exchanges:
+            strategy.exchange = clients
+            result = super().fit_round(server_round, timeout)
+        strategy.end_round(server_round)
+        return result
 
 
 def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
@@ -97,7 +108,7 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
         clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=resolve_device(cfg.device),
         training_clients=cfg.num_clients, optimizer=cfg.server.optimizer,
         make_hnet=partial(build_multihead_hypernetwork, cfg) if multi_head else None,
-        global_model=has_global_model(cfg), **callbacks,
+        global_model=has_global_model(cfg), sequential=cfg.server.sequential, **callbacks,
     )
 
 

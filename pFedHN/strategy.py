@@ -71,6 +71,11 @@ def _describe(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
     return [line for line in lines if line][-1][:300]
 
 
+def _empty_round_log() -> dict[str, Any]:
+    return {"clients": [], "server-time-s": 0.0, "rejected": [], "bytes-sent": 0,
+            "bytes-received": 0}
+
+
 class PFedHNStrategy(Strategy):
     """Each round: theta_i = h(v_i; phi) for a sampled client i, then a VJP step.
 
@@ -105,6 +110,7 @@ class PFedHNStrategy(Strategy):
         optimizer: str = "sgd",
         make_hnet: Callable[[list[int]], MHHyper] | None = None,
         global_model: bool = False,
+        sequential: bool = False,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
@@ -116,6 +122,7 @@ class PFedHNStrategy(Strategy):
         # The partitions sampled for training and evaluated; the rest are novel clients.
         self.clients = list(range(training_clients or num_clients))
         self.clients_per_round = clients_per_round
+        self.sequential = sequential  # one outer step per client visit (see begin_round)
         self.eval_rounds = evaluation_rounds(num_rounds, eval_every)
         self.clip_norm = clip_norm
         self.outer = {"name": optimizer, "lr": lr, "momentum": momentum,
@@ -132,8 +139,9 @@ class PFedHNStrategy(Strategy):
         self.start_round = 0  # > 0 when resumed: Flower counts rounds from 1 again
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
         self._bytes_sent = 0  # serialised arrays sent to this round's clients
-        self._sent: list[int] = []  # partitions asked to train this round
-        self._global_phase_metrics: dict[str, Any] = {}  # MH-pFedHNGD
+        self.round_clients: list[int] = []  # the partitions sampled for this round
+        self.exchange: list[int] = []  # the partitions of the Flower exchange under way
+        self._round_log: dict[str, Any] = _empty_round_log()  # recorded by end_round
         self._teacher: list[np.ndarray] = []  # MH-pFedHNGD: this round's pre-step global model
         self._evaluation_start = 0.0
 
@@ -274,22 +282,43 @@ class PFedHNStrategy(Strategy):
         """Nothing global to send: every client gets its own generated weights."""
         return NO_PARAMETERS
 
+    # --- a round: its clients, and the Flower exchanges that train them ------------
+    def begin_round(self) -> list[list[int]]:
+        """Sample the round's clients; return the partitions of each personal exchange.
+
+        pFedHN (averaged): one exchange with all of them, then one outer step on
+        their mean VJP. Sequential (the MH-pFedHN authors' order): one exchange
+        per client, in the sampled (random) order, each followed by an outer step
+        on that client's delta alone, so each client's theta comes from the
+        hypernetwork as the client before it left it. MH-pFedHNGD's global phase
+        (see ``PFedHNServer``) trains all of ``round_clients`` at once first.
+        """
+        chosen = self.rng.choice(len(self.clients), self.clients_per_round, replace=False)
+        self.round_clients = [self.clients[int(i)] for i in chosen]
+        self._round_log = _empty_round_log()
+        if self.sequential:
+            return [[i] for i in self.round_clients]
+        return [self.round_clients]
+
+    def end_round(self, server_round: int) -> None:
+        """Report the round once, all its exchanges together (Flower's count)."""
+        round_log, self._round_log = self._round_log, _empty_round_log()
+        if self.on_fit is not None:
+            self.on_fit(server_round + self.start_round, round_log.pop("clients"), round_log)
+
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample clients uniformly and send each its generated theta_i.
+        """Send each client of the exchange (``exchange``) its generated theta_i.
 
-        MH-pFedHNGD: the global phase samples the round's clients and sends them
-        the global model's theta; the personal phase sends the same clients their
-        own theta followed by that same global theta, the teacher (generated
-        before the global phase's step, as the authors do).
+        MH-pFedHNGD: the global phase sends the round's clients the global
+        model's theta; the personal phase sends each its own theta followed by
+        that same global theta, the teacher (generated before the global phase's
+        step, as the authors do).
         """
         self._discover_partitions(client_manager, server_round)
         server_round += self.start_round
         start = time.perf_counter()
-        if self.global_id is None or self.phase == "global":
-            chosen = self.rng.choice(len(self.clients), self.clients_per_round, replace=False)
-            self._sent = [self.clients[int(i)] for i in chosen]
         config: dict[str, Scalar] = {"server-round": server_round}
         if self.phase == "global":
             # As the authors do: the round's teacher is the global model generated
@@ -297,14 +326,14 @@ class PFedHNStrategy(Strategy):
             self._teacher = self.generate(self.global_id)
             theta_global = ndarrays_to_parameters(self._teacher)
             config["phase"] = "global"
-            instructions = [(self.node_of[i], FitIns(theta_global, config)) for i in self._sent]
+            instructions = [(self.node_of[i], FitIns(theta_global, config)) for i in self.exchange]
         else:
             teacher = [] if self.global_id is None else self._teacher
             config["distill"] = bool(teacher)
             instructions = [
                 (self.node_of[i],
                  FitIns(ndarrays_to_parameters(self.generate(i) + teacher), config))
-                for i in self._sent
+                for i in self.exchange
             ]
         self._server_time = time.perf_counter() - start
         self._bytes_sent = sum(payload_bytes(ins.parameters) for _, ins in instructions)
@@ -316,7 +345,7 @@ class PFedHNStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Turn the clients' delta_theta into one hypernetwork step.
+        """Turn the exchange's delta_theta into one hypernetwork step; log it for the round.
 
         A client that failed, timed out or sent a delta_theta of the wrong
         shape or with non-finite values is left out; the hypernetwork is only
@@ -340,7 +369,7 @@ class PFedHNStrategy(Strategy):
         answered = set(accepted) | {r["partition_id"] for r in rejected}
         reasons = "; ".join(_describe(f) for f in failures) or "no reply"
         rejected += [{"partition_id": i, "reason": reasons}
-                     for i in self._sent if i not in answered]
+                     for i in self.exchange if i not in answered]
         for r in rejected:
             log.warning("round %d: client %d left out%s: %s", server_round, r["partition_id"],
                         " of the global phase" if in_global_phase else "", r["reason"])
@@ -351,25 +380,14 @@ class PFedHNStrategy(Strategy):
             self.update([self.global_id], [weighted])
         elif accepted:
             self.update(list(accepted), [delta for delta, _ in accepted.values()])
-        server_time = self._server_time + time.perf_counter() - start
-        server_metrics = {"server-time-s": server_time, "rejected": rejected,
-                          "bytes-sent": self._bytes_sent,
-                          "bytes-received": sum(payload_bytes(r.parameters) for _, r in results)}
-        if in_global_phase:  # reported with the personal phase: one record per round
-            self._global_phase_metrics = server_metrics
-            return NO_PARAMETERS, {}
-        if self._global_phase_metrics:
-            first, self._global_phase_metrics = self._global_phase_metrics, {}
-            server_metrics = {
-                "server-time-s": server_time + first["server-time-s"],
-                "rejected": first["rejected"] + rejected,
-                "bytes-sent": self._bytes_sent + first["bytes-sent"],
-                "bytes-received": server_metrics["bytes-received"] + first["bytes-received"],
-            }
-        if self.on_fit is not None:
-            self.on_fit(server_round,
-                        [r.metrics for p, r in results if self.partition_of[p.cid] in accepted],
-                        server_metrics)
+        round_log = self._round_log
+        round_log["server-time-s"] += self._server_time + time.perf_counter() - start
+        round_log["rejected"] += rejected
+        round_log["bytes-sent"] += self._bytes_sent
+        round_log["bytes-received"] += sum(payload_bytes(r.parameters) for _, r in results)
+        if not in_global_phase:  # the round's record: the personal training of its clients
+            round_log["clients"] += [r.metrics for p, r in results
+                                     if self.partition_of[p.cid] in accepted]
         return NO_PARAMETERS, {}
 
     def check_delta(self, delta_theta: list[np.ndarray], partition_id: int) -> str | None:

@@ -127,7 +127,8 @@ MH_PROTOCOL = ["num_rounds=500", "model.variant=2", "model.architectures=blocks"
                "model.embed_dim=64", "model.hidden_dim=128", "model.n_hidden=2",
                "client.epochs=1", "client.inner_wd=5e-4", "server.optimizer=adam",
                "server.lr=2e-4", "server.wd=0.0", "server.clients_per_round=50",
-               "dataset.local_test_share=0.25", "client.partition=mh-authors", "eval_every=1"]
+               "dataset.local_test_share=0.25", "client.partition=mh-authors", "eval_every=1",
+               "server.sequential=true"]
 
 
 @pytest.mark.parametrize("preset,long_form", [

@@ -37,26 +37,36 @@ def test_split_summary_counts_clients_mixing_vehicles_and_animals():
     assert summary["mixed_group_clients"] == 1
 
 
-def evaluation(round_, val_acc, val_loss=0.5):
-    return {"round": round_, "val_acc": val_acc, "val_loss": val_loss}
+def history(*val_accs, last_loss=0.5):
+    rounds = range(30, 30 * (len(val_accs) + 1), 30)
+    out = [{"round": r, "val_acc": v, "val_loss": 0.5} for r, v in zip(rounds, val_accs, strict=True)]
+    out[-1]["val_loss"] = last_loss
+    return out
 
 
-def test_check_flags_a_run_stuck_at_the_majority_level_only_after_enough_visits():
-    early = training_check(evaluation(90, 0.54), 0.5375, 90 / 10)
-    assert early["status"] == "too early"
-    stuck = training_check(evaluation(120, 0.5339), 0.5375, 12.0)
+MNIST_PC_LR_5E2 = (0.53, 0.5375, 0.536, 0.5339)  # pFedHN-PC on MNIST at CIFAR's lr
+CIFAR10_PFEDHN = (0.41, 0.4994, 0.6133, 0.5413)  # learning, with one dip (10 clients)
+
+
+def test_check_flags_a_run_that_never_left_the_majority_level_after_enough_visits():
+    assert training_check(history(*MNIST_PC_LR_5E2[:3]), 0.5375, 9.0)["status"] == "too early"
+    stuck = training_check(history(*MNIST_PC_LR_5E2), 0.5375, 12.0)
     assert stuck["status"] == "collapsed" and "server.lr" in stuck["message"]
-    assert "0.5339" in stuck["message"] and "0.5375" in stuck["message"]
-    learning = training_check(evaluation(120, 0.95), 0.5375, 12.0)
-    assert learning["status"] == "ok"
-    assert training_check(evaluation(120, 0.5375 + 0.019), 0.5375, COLLAPSE_VISITS)[
-        "status"] == "collapsed"
-    assert training_check(evaluation(120, 0.5375 + 0.021), 0.5375, COLLAPSE_VISITS)[
-        "status"] == "ok"
+    assert "0.5375" in stuck["message"] and "not started to learn" in stuck["message"]
+    assert training_check(history(0.5375 + 0.019), 0.5375, COLLAPSE_VISITS)["status"] \
+        == "collapsed"
+    assert training_check(history(0.5375 + 0.021), 0.5375, COLLAPSE_VISITS)["status"] == "ok"
+
+
+def test_check_forgives_one_dip_but_not_a_fall_back_to_the_majority_level():
+    assert training_check(history(*CIFAR10_PFEDHN), 0.5288, 12.0)["status"] == "ok"
+    fell = training_check(history(*CIFAR10_PFEDHN, 0.53), 0.5288, 15.0)
+    assert fell["status"] == "collapsed" and "fell back" in fell["message"]
+    assert "0.6133" in fell["message"]  # what it had reached
 
 
 def test_check_flags_non_finite_weights_at_once_and_without_a_split():
     for loss in (math.nan, math.inf):
-        check = training_check(evaluation(1, 0.1, loss), None, 0.1)
+        check = training_check(history(0.1, last_loss=loss), None, 0.1)
         assert check["status"] == "diverged" and "server.lr" in check["message"]
-    assert training_check(evaluation(500, 0.1), None, 50.0)["status"] == "not checked"
+    assert training_check(history(0.1), None, 50.0)["status"] == "not checked"
