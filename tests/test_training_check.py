@@ -39,7 +39,8 @@ def test_split_summary_counts_clients_mixing_vehicles_and_animals():
 
 def history(*val_accs, last_loss=0.5):
     rounds = range(30, 30 * (len(val_accs) + 1), 30)
-    out = [{"round": r, "val_acc": v, "val_loss": 0.5} for r, v in zip(rounds, val_accs, strict=True)]
+    out = [{"round": r, "val_acc": v, "val_loss": 0.5}
+           for r, v in zip(rounds, val_accs, strict=True)]
     out[-1]["val_loss"] = last_loss
     return out
 
