@@ -17,7 +17,8 @@ FILENAME = "checkpoint.pt"
 # and the novel-client phase that follows training. A resume must agree on the rest.
 MAY_CHANGE = (
     "num_rounds", "eval_every", "checkpoint_every", "resume", "device", "deterministic",
-    "dataset.root", "dataset.download", "server.round_timeout", "simulation",
+    "dataset.root", "dataset.download", "server.round_timeout", "server.node_timeout",
+    "simulation",
     "novel.rounds", "novel.lr", "novel.from_run",
 )
 

@@ -116,6 +116,7 @@ def validate(cfg: DictConfig) -> None:
         _fail("novel.from_run", cfg.novel.from_run, "needs novel.num_clients > 0")
     if cfg.server.round_timeout is not None:
         _positive(cfg, "server.round_timeout")
+    _positive(cfg, "server.node_timeout")
     _validate_partition(cfg, by_alphabet)
     _validate_hardware(cfg)
 

@@ -108,7 +108,8 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
         clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=resolve_device(cfg.device),
         training_clients=cfg.num_clients, optimizer=cfg.server.optimizer,
         make_hnet=partial(build_multihead_hypernetwork, cfg) if multi_head else None,
-        global_model=has_global_model(cfg), sequential=cfg.server.sequential, **callbacks,
+        global_model=has_global_model(cfg), sequential=cfg.server.sequential,
+        node_timeout=cfg.server.node_timeout, **callbacks,
     )
 
 

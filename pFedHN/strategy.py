@@ -33,6 +33,29 @@ log = logging.getLogger(__name__)
 NO_PARAMETERS = Parameters(tensors=[], tensor_type="numpy.ndarray")
 
 
+class FederationTooSmallError(RuntimeError):
+    """Fewer Flower nodes than partitions: the run would wait for ever."""
+
+
+def wait_for_nodes(client_manager: ClientManager, needed: int, timeout_s: float) -> None:
+    """Return once ``needed`` nodes are connected; raise after ``timeout_s`` seconds.
+
+    Flower's own ``wait_for`` waits a day by default, which is how ``flwr run .``
+    on its default two-node federation used to hang on a 10-client config.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (connected := client_manager.num_available()) < needed:
+        if time.monotonic() >= deadline:
+            raise FederationTooSmallError(
+                f"this run needs {needed} Flower nodes, one per partition (num_clients "
+                f"+ novel.num_clients), but the federation has {connected} after "
+                f"{timeout_s:g} s (server.node_timeout). With `flwr run .` "
+                f"give the local simulation {needed} nodes: --federation-config "
+                f"\"num-supernodes={needed}\"; in deployment start {needed} SuperNodes, "
+                f"or lower num_clients.")
+        time.sleep(0.2)
+
+
 def evaluation_rounds(num_rounds: int, eval_every: int) -> set[int]:
     """Round 0 (untrained), every ``eval_every`` rounds, and the last round."""
     return {0, num_rounds, *range(eval_every, num_rounds + 1, eval_every)}
@@ -111,6 +134,7 @@ class PFedHNStrategy(Strategy):
         make_hnet: Callable[[list[int]], MHHyper] | None = None,
         global_model: bool = False,
         sequential: bool = False,
+        node_timeout: float = 15.0,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
@@ -119,6 +143,7 @@ class PFedHNStrategy(Strategy):
         self.global_id = num_clients if global_model else None  # the virtual client
         self.phase = "personal"  # or "global": MH-pFedHNGD's first exchange of a round
         self.num_clients = num_clients  # Flower nodes, one per partition
+        self.node_timeout = node_timeout  # seconds the first round waits for them
         # The partitions sampled for training and evaluated; the rest are novel clients.
         self.clients = list(range(training_clients or num_clients))
         self.clients_per_round = clients_per_round
@@ -248,7 +273,7 @@ class PFedHNStrategy(Strategy):
             self._nodes_of_run = client_manager
         if len(self.node_of) == self.num_clients:
             return
-        client_manager.wait_for(self.num_clients)
+        wait_for_nodes(client_manager, self.num_clients, self.node_timeout)
         unknown = [p for cid, p in client_manager.all().items() if cid not in self.partition_of]
         ins = GetPropertiesIns(config={})
         with ThreadPoolExecutor() as pool:

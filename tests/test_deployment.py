@@ -63,8 +63,9 @@ class Processes:
 
     def kill_all(self) -> None:
         """Kill every process started here and all they started, detached ones too
-        (Flower starts its SuperExec in a new session, told its parent's pid)."""
-        doomed = family({p.pid for p in self.started})
+        (Flower starts its SuperExec in a new session, told its parent's pid, and
+        ``flwr run`` its managed local SuperLink, whose log lies under our FLWR_HOME)."""
+        doomed = family({p.pid for p in self.started} | mentioning(str(self.root)))
         for pid in doomed:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -72,6 +73,18 @@ class Processes:
                 pass
         for process in self.started:
             process.wait()
+
+
+def mentioning(text: str) -> set[int]:
+    """Processes whose command line contains ``text``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except (ValueError, OSError):
+            continue
+    return found
 
 
 def family(roots: set[int]) -> set[int]:
@@ -155,3 +168,36 @@ def test_pfedhn_runs_on_a_secure_federation_and_unlisted_nodes_are_refused(
     assert all(e["clients_evaluated"] == 3 for e in results["evaluations"])
     assert (run_dir / "checkpoint.pt").exists()
     print(f"deployment test took {time.monotonic() - started:.0f} s")
+
+
+def test_flwr_run_local_simulation_with_enough_nodes_trains_and_too_few_nodes_stop_it(
+    processes, tmp_path
+):
+    """The README's ``flwr run .`` recipe: Flower's managed local SuperLink, the
+    federation sized with --federation-config, no second torch installed; and a
+    federation smaller than num_clients stops the run instead of waiting for ever."""
+    processes.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    run_dir = tmp_path / "run"
+    run = processes.cli("run", ".", "--stream", "--federation-config", "num-supernodes=3",
+                        "--run-config", f"overrides='{OVERRIDES}' run-dir='{run_dir}'",
+                        timeout=300)
+    assert (run_dir / "results.json").exists(), (run.stdout + run.stderr)[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["rounds_completed"] == 2
+    assert all(e["clients_evaluated"] == 3 for e in results["evaluations"])
+    # The managed SuperLink's SuperExec would be told to install the app's
+    # dependencies (a second torch) with this flag.
+    local_flower = [Path(f"/proc/{pid}/cmdline").read_bytes()
+                    for pid in family(mentioning(str(tmp_path)))]
+    assert any(b"flower-superexec" in argv for argv in local_flower)
+    assert not any(b"--allow-runtime-dependency-installation" in argv for argv in local_flower)
+
+    small_dir = tmp_path / "too_small"
+    started = time.monotonic()
+    run = processes.cli("run", ".", "--stream", "--federation-config", "num-supernodes=2",
+                        "--run-config", f"overrides='{OVERRIDES} server.node_timeout=2' "
+                        f"run-dir='{small_dir}'", timeout=120)
+    assert "needs 3 Flower nodes" in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+    assert "has 2" in run.stdout + run.stderr
+    assert not (small_dir / "results.json").exists()
+    assert time.monotonic() - started < 100

@@ -1,11 +1,20 @@
 import copy
+import time
 
 import numpy as np
 import pytest
 import torch
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
-from pFedHN.strategy import PFedHNStrategy, evaluation_rounds, pooled_metrics
+from pFedHN.strategy import (
+    NO_PARAMETERS,
+    FederationTooSmallError,
+    PFedHNStrategy,
+    evaluation_rounds,
+    pooled_metrics,
+)
 
 LR, MOMENTUM, WD, CLIP = 1e-2, 0.9, 1e-3, 50.0
 
@@ -96,3 +105,27 @@ def test_pooled_accuracy_weights_clients_by_samples():
     assert m["val_loss"] == pytest.approx(0.1)
     assert (m["test_acc_min"], m["test_acc_max"]) == pytest.approx((0.5, 0.9))
     assert m["test_acc_std"] == pytest.approx(0.2)
+
+
+class _Node(ClientProxy):
+    """A connected node that is never asked anything (the check comes first)."""
+
+    def get_properties(self, ins, timeout, group_id):
+        raise AssertionError("asked a node before the federation was complete")
+
+    get_parameters = fit = evaluate = reconnect = get_properties
+
+
+def test_too_few_nodes_stop_the_run_naming_the_nodes_and_num_clients():
+    strategy = make_strategy()
+    strategy.node_timeout = 0.5
+    manager = SimpleClientManager()
+    for cid in ("a", "b"):
+        manager.register(_Node(cid))
+    started = time.monotonic()
+    with pytest.raises(FederationTooSmallError) as error:
+        strategy.configure_fit(1, NO_PARAMETERS, manager)
+    assert time.monotonic() - started < 5
+    message = str(error.value)
+    assert "needs 4 Flower nodes" in message and "has 2" in message
+    assert "num_clients" in message and 'num-supernodes=4' in message
