@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -46,11 +47,14 @@ def _positive(cfg: DictConfig, key: str, kind: type = float) -> None:
         _fail(key, value, f"expected a positive {kind.__name__}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value that cannot give a correct run."""
+def validate(cfg: DictConfig, on_disk: bool = True) -> None:
+    """Raise ConfigError for the first value that cannot give a correct run.
+
+    ``on_disk=False``: a server that holds no data checks what the config alone says.
+    """
     if cfg.dataset.data not in DATASETS:
         _fail("dataset.data", cfg.dataset.data, f"choose one of {sorted(DATASETS)}")
-    spec = data_spec(cfg)
+    spec = data_spec(cfg, on_disk)
 
     if cfg.model.variant not in VARIANTS:
         _fail("model.variant", cfg.model.variant, "0 (pFedHN), 1 (pFedHN-PC, with "
@@ -317,13 +321,25 @@ def split_kwargs(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def data_spec(cfg: DictConfig) -> DatasetSpec:
-    """The dataset's spec; an image folder's classes are read off disk."""
+def data_spec(cfg: DictConfig, on_disk: bool = True) -> DatasetSpec:
+    """The dataset's spec; an image folder's classes are read off disk.
+
+    ``on_disk=False``: from the config alone, for a server that holds no data
+    (``folder`` then has ``model.out_dim`` classes, which the clients check
+    against their folders).
+    """
     def channels(key: str) -> tuple[float, ...] | None:
         value = OmegaConf.select(cfg, key)
         return None if value is None else tuple(float(v) for v in value)
 
-    return dataset_spec(cfg.dataset.data, cfg.dataset.root, cfg.dataset.image_size,
+    name = cfg.dataset.data
+    if not on_disk:
+        spec = DATASETS[name]
+        if name != "folder":
+            return spec
+        return replace(spec, num_classes=cfg.model.out_dim, image_size=cfg.dataset.image_size,
+                       mean=channels("dataset.mean"), std=channels("dataset.std"))
+    return dataset_spec(name, cfg.dataset.root, cfg.dataset.image_size,
                         channels("dataset.mean"), channels("dataset.std"))
 
 
@@ -334,6 +350,6 @@ def target_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "in_channels": cfg.model.in_channels,
         "n_kernels": cfg.model.n_kernels,
         "out_dim": cfg.model.out_dim,
-        "input_size": data_spec(cfg).image_size,
+        "input_size": data_spec(cfg, on_disk=False).image_size,
         "local": bool(cfg.model.local),
     }

@@ -44,7 +44,7 @@ def prepare(cfg: DictConfig, check_data: bool = True) -> DictConfig:
 
     ``check_data=False``: a deployed server, whose machine holds no client data.
     """
-    validate(cfg)
+    validate(cfg, on_disk=check_data)
     cfg = cfg.copy()
     with open_dict(cfg):
         # Ray workers may run in another directory: give them an absolute root.

@@ -82,7 +82,7 @@ def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
 def global_model_size(cfg: DictConfig) -> int:
     """MH-pFedHNGD: parameters of the global model, whose architecture is public."""
     model = make_client_model(cfg.model.global_model, cfg.model.in_channels,
-                              cfg.model.out_dim, data_spec(cfg).image_size)
+                              cfg.model.out_dim, data_spec(cfg, on_disk=False).image_size)
     return sum(p.numel() for p in model.parameters())
 
 

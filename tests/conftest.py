@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MNIST = REPO / "tests" / "fixtures" / "tiny_mnist"
@@ -36,3 +38,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=(12, 4), size=20,
+                       splits=("train", "test"), step=40):
+    """A small ImageFolder tree of PNGs; pixel values encode the class."""
+    for split, count in zip(splits, per_class, strict=True):
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                pixels = np.full((size, size, 3), step * label + k, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{k}.png")

@@ -6,10 +6,13 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pFedHN.config import ConfigError, validate
+from pFedHN.config import ConfigError, target_kwargs, validate
 from pFedHN.dataset import DataNotFoundError
 from pFedHN.main import prepare
+from pFedHN.models import make_target, parameter_shapes
 from pFedHN.results import PAPER, preset_command
+from pFedHN.server import build_strategy
+from pFedHN.zoo import make_client_model
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 
 SEED_COMMANDS = {
@@ -141,3 +144,30 @@ def test_mh_presets_set_the_papers_protocol(preset, long_form):
     validate(cfg)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     assert resolved == compose_config(long_form)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["dataset.data=folder", "dataset.image_size=28"],
+    ["data=cinic10"],
+    ["dataset.data=folder", "algorithm=mh_pfedhngd", "num_clients=5"],
+])
+def test_a_server_without_the_images_builds_its_hypernetwork_from_the_config(
+    tmp_path, overrides
+):
+    """A deployed server (prepare(check_data=False)) never lists image folders."""
+    cfg = compose_config([*overrides, f"dataset.root={tmp_path / 'only_on_the_nodes'}",
+                          "device=cpu"])
+    with pytest.raises(DataNotFoundError):  # where the data is needed, its absence shows
+        prepare(cfg)
+    server_cfg = prepare(cfg, check_data=False)
+    strategy = build_strategy(server_cfg)
+    size = server_cfg.dataset.image_size if "dataset.data=folder" in overrides else 32
+    if strategy.make_hnet is None:
+        target = make_target(**target_kwargs(server_cfg))
+        assert strategy.hnet.shapes(0) == parameter_shapes(target)
+        assert target_kwargs(server_cfg)["input_size"] == size
+    else:  # MH-pFedHNGD: the global model's size, from its architecture and the config
+        global_model = make_client_model("mh-cnn", 3, 10, size)
+        expected = sum(p.numel() for p in global_model.parameters())
+        hnet = strategy.make_hnet([1000] * server_cfg.num_clients)
+        assert list(hnet.shapes(server_cfg.num_clients)["theta"]) == [expected]

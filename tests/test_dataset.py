@@ -3,7 +3,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pFedHN.config import ConfigError
 from pFedHN.dataset import (
@@ -19,7 +18,7 @@ from pFedHN.dataset import (
     split_by_assignment,
 )
 from pFedHN.main import prepare
-from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
+from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config, write_image_folder
 
 
 @pytest.mark.parametrize("clients,classes,per_client", [(50, 10, 2), (50, 100, 10), (7, 10, 3)])
@@ -102,17 +101,6 @@ def test_missing_data_offline_names_root_and_layout(tmp_path):
 
 def test_present_data_passes_the_check():
     ensure_available("mnist", TINY_MNIST, download=False)
-
-
-def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=(12, 4), size=20,
-                       splits=("train", "test"), step=40):
-    """A small ImageFolder tree of PNGs; pixel values encode the class."""
-    for split, count in zip(splits, per_class, strict=True):
-        for label, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for k in range(count):
-                pixels = np.full((size, size, 3), step * label + k, dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{k}.png")
 
 
 def test_image_folder_is_read_split_and_resized(tmp_path):

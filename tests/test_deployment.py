@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 
 from pFedHN.credentials import make_credentials
-from tests.conftest import REPO, TINY_MNIST
+from tests.conftest import REPO, TINY_MNIST, write_image_folder
 
 pytestmark = pytest.mark.deployment
 
 BIN = Path(sys.executable).parent
+# Images only the SuperNodes can see: a relative root, found in their working directory.
+FOLDER_OVERRIDES = ("dataset.data=folder dataset.root=images dataset.image_size=28 "
+                    "model.in_channels=3 model.out_dim=6 model.n_kernels=7 model.n_hidden=1 "
+                    "dataset.val_size=60 num_clients=3 num_rounds=2 eval_every=2 "
+                    "client.inner_steps=10")
 OVERRIDES = (f"dataset.data=mnist model.n_kernels=7 model.in_channels=1 model.n_hidden=1 "
              f"dataset.root={TINY_MNIST} dataset.download=false dataset.val_size=500 "
              "num_clients=3 num_rounds=2 eval_every=2 client.inner_steps=10")
@@ -40,10 +45,11 @@ class Processes:
                                  "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.started: list[subprocess.Popen] = []
 
-    def start(self, name: str, *command: str) -> subprocess.Popen:
+    def start(self, name: str, *command: str, cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed by the OS at exit
         process = subprocess.Popen([str(BIN / command[0]), *command[1:]], env=self.env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=cwd)
         self.started.append(process)
         return process
 
@@ -116,10 +122,16 @@ def processes(tmp_path):
         procs.kill_all()
 
 
-def test_pfedhn_runs_on_a_secure_federation_and_unlisted_nodes_are_refused(
+def test_deploy_folder_data_on_a_secure_federation_the_server_without_images_and_unlisted_nodes_refused(  # noqa: E501
     processes, tmp_path
 ):
+    """pFedHN on image folders that only the SuperNodes hold: the SuperLink (and
+    its ServerApp) runs in a directory without them, and still builds the run."""
     started = time.monotonic()
+    link_dir, node_dir = tmp_path / "superlink_machine", tmp_path / "supernode_machine"
+    link_dir.mkdir()
+    write_image_folder(node_dir / "images", classes=tuple("abcdef"), per_class=(70, 20), step=30,
+                       size=28)
     credentials = tmp_path / "credentials"
     make_credentials(credentials, supernodes=4, hosts=["127.0.0.1", "localhost"])
     ca = str(credentials / "ca.crt")
@@ -129,7 +141,7 @@ def test_pfedhn_runs_on_a_secure_federation_and_unlisted_nodes_are_refused(
                     "--ssl-certfile", str(credentials / "superlink.pem"),
                     "--ssl-keyfile", str(credentials / "superlink.key"),
                     "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                    "--port", superlink.split(":")[1])
+                    "--port", superlink.split(":")[1], cwd=link_dir)
     processes.wait_for("superlink", "Uvicorn running on https://")
     home = tmp_path / "flwr_home"
     home.mkdir(exist_ok=True)
@@ -147,7 +159,7 @@ def test_pfedhn_runs_on_a_secure_federation_and_unlisted_nodes_are_refused(
             f"supernode{i}", "flower-supernode", "--root-certificates", ca,
             "--superlink", superlink, "--port", str(free_port()),
             "--auth-supernode-private-key", str(credentials / f"supernode_{i}"),
-            "--node-config", f"partition-id={i}",
+            "--node-config", f"partition-id={i}", cwd=node_dir,
         )
 
     for i in range(3):
@@ -158,7 +170,7 @@ def test_pfedhn_runs_on_a_secure_federation_and_unlisted_nodes_are_refused(
 
     run_dir = tmp_path / "run"
     run = processes.cli("run", ".", "secure", "--stream", "--run-config",
-                        f"overrides='{OVERRIDES}' run-dir='{run_dir}'", timeout=600)
+                        f"overrides='{FOLDER_OVERRIDES}' run-dir='{run_dir}'", timeout=600)
     # flwr run exits 0 even when the ServerApp failed: its log says why.
     assert run.returncode == 0 and (run_dir / "results.json").exists(), \
         (run.stdout + run.stderr)[-3000:]
@@ -167,6 +179,8 @@ def test_pfedhn_runs_on_a_secure_federation_and_unlisted_nodes_are_refused(
     assert [e["round"] for e in results["evaluations"]] == [0, 2]
     assert all(e["clients_evaluated"] == 3 for e in results["evaluations"])
     assert (run_dir / "checkpoint.pt").exists()
+    assert results["evaluations"][-1]["test_acc"] > 1 / 6  # the classes are learnable
+    assert not (link_dir / "images").exists()
     print(f"deployment test took {time.monotonic() - started:.0f} s")
 
 
