@@ -34,18 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import RecordDict
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
-from pFedHN.config import data_spec, split_kwargs, target_kwargs
+from pFedHN.config import compose_config, data_spec, split_kwargs, target_kwargs
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
 from pFedHN.models import make_target
 from pFedHN.server import build_hypernetwork, build_strategy
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def tree_memory_bytes(root_pid: int, descendants: bool = True) -> int:
@@ -156,8 +153,7 @@ def main() -> None:
                         help="skip the Flower part (no Ray on this machine)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
+    cfg = compose_config(args.overrides)
     with open_dict(cfg):
         cfg.num_rounds = args.rounds
         cfg.eval_every = max(args.rounds // 3, 1)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from pFedHN.files import write_atomic
 
 log = logging.getLogger(__name__)
 FILENAME = "checkpoint.pt"
@@ -45,12 +46,9 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
 
 
 def save(run_dir: Path, cfg: DictConfig, server_round: int, **states: dict) -> Path:
-    """Write ``run_dir/checkpoint.pt`` via a temporary file and a rename."""
-    path = Path(run_dir) / FILENAME
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"round": server_round, "identity": identity(cfg), **states}, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write ``run_dir/checkpoint.pt`` (atomically)."""
+    payload = {"round": server_round, "identity": identity(cfg), **states}
+    return write_atomic(Path(run_dir) / FILENAME, lambda tmp: torch.save(payload, tmp))
 
 
 def load(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:

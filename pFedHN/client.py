@@ -26,8 +26,9 @@ from pFedHN.config import (
     split_kwargs,
     target_kwargs,
 )
-from pFedHN.dataset import ClientData, federated_data
+from pFedHN.dataset import ClientData, cached_partition, federated_data
 from pFedHN.device import configure_torch, resolve_device
+from pFedHN.files import write_atomic
 from pFedHN.models import LocalLayer, make_target
 from pFedHN.zoo import make_client_model
 
@@ -184,6 +185,8 @@ def fingerprint(module: nn.Module) -> int:
 
 
 STATE_DIR = "client_state"  # simulation: <run dir>/client_state/<partition>/<round>.pt
+# A SuperNode's decoded partition (see client_builder's data_cache).
+DATA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pfedhn"
 
 
 class LocalStore:
@@ -225,8 +228,7 @@ class LocalStore:
         path = self.mirror_dir / f"{server_round:08d}.pt"
         everything = {name: record.to_torch_state_dict() for name, record in self.state.items()
                       if isinstance(record, ArrayRecord)}
-        torch.save(everything, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        write_atomic(path, lambda tmp: torch.save(everything, tmp))
         # The server checkpointed last at or before this round's start; a resume
         # needs the newest state up to that round, and anything newer.
         last_checkpoint = (server_round - 1) // self.checkpoint_every * self.checkpoint_every
@@ -411,12 +413,15 @@ def make_client_app(cfg: DictConfig, state_mirror_dir: Path | None = None) -> Cl
 
 
 def client_builder(
-    cfg: DictConfig, state_mirror_dir: Path | None = None
+    cfg: DictConfig, state_mirror_dir: Path | None = None, data_cache: bool = False
 ) -> Callable[[Context], PFedHNClient]:
     """The function that builds a node's client from its Context, every round.
 
     Only the (small) config travels in the closure: each worker process loads
     and splits the data once and keeps it (``federated_data`` is cached).
+    ``data_cache``: a SuperNode, whose every message is a new process, reads its
+    partition from a file on its disk after the first message (``cached_partition``
+    in the node config's ``data-cache-dir``, default ``~/.cache/pfedhn``).
     MH-pFedHN: a node's architecture is ``model.architectures``' entry for its
     partition, or its node config's ``architecture`` on a real device.
     """
@@ -437,7 +442,13 @@ def client_builder(
         configure_torch(deterministic, threads)
         device = resolve_device(cfg.get("device", "auto"))  # in the process that trains
         partition_id = int(context.node_config["partition-id"])
-        clients = federated_data(spec, cfg.dataset.root, **split_kwargs(cfg), device=str(device))
+        if data_cache:
+            cache_dir = context.node_config.get("data-cache-dir") or DATA_CACHE_DIR
+            data = cached_partition(str(cache_dir), spec, cfg.dataset.root, partition_id,
+                                    **split_kwargs(cfg)).to(device)
+        else:
+            data = federated_data(spec, cfg.dataset.root, **split_kwargs(cfg),
+                                  device=str(device))[partition_id]
         store = LocalStore(
             context.state,
             state_mirror_dir / str(partition_id) if state_mirror_dir else None,
@@ -449,7 +460,7 @@ def client_builder(
         else:
             model = make_target(**model_kwargs)
         return PFedHNClient(
-            partition_id, clients[partition_id], model, loop, cfg.seed, cfg.model.out_dim,
+            partition_id, data, model, loop, cfg.seed, cfg.model.out_dim,
             store, device, flat=multi_head,
             global_model=zoo_model(cfg.model.global_model) if has_global_model(cfg) else None,
             distillation=distillation,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from pFedHN.dataset import (
@@ -27,6 +30,15 @@ from pFedHN.zoo import assign_architectures, make_client_model
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC", 2: "MH-pFedHN", 3: "MH-pFedHNGD"}
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("classes", "authors", "mh-authors", "dirichlet")
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python -m pFedHN.main <overrides>`` would run with."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,7 @@ a time: the inner loop never touches PIL images or per-sample transforms.
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets
+
+from pFedHN.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -668,6 +671,31 @@ def federated_data(
                 parts[f"{name}_y"] = torch.searchsorted(characters, parts[f"{name}_y"])
         clients.append(ClientData(**parts, mean=mean, std=std).to(device))
     return tuple(clients)
+
+
+def cached_partition(
+    cache_dir: str | Path, spec: DatasetSpec, root: str | Path, partition_id: int, **split: Any
+) -> ClientData:
+    """One partition's data (on the CPU), decoded and split once per machine.
+
+    flwr 1.42's SuperNode starts a new ClientApp process for every message,
+    which would otherwise decode and split the whole dataset again each time.
+    The file's name hashes what defines the partition: the dataset's spec, its
+    root and the modification times of the root's entries, the split settings
+    (``split_kwargs``) and the partition. Delete ``cache_dir`` to rebuild.
+    """
+    root = Path(root).expanduser().resolve()
+    stamp = sorted((entry.name, entry.stat().st_mtime_ns) for entry in root.iterdir())
+    key = hashlib.sha256(repr((spec, str(root), stamp, sorted(split.items()), partition_id))
+                         .encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"partition{partition_id}-{key}.pt"
+    if path.exists():
+        return ClientData(**torch.load(path))
+    data = federated_data(spec, str(root), **split)[partition_id]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f.name: getattr(data, f.name) for f in fields(data)}
+    write_atomic(path, lambda tmp: torch.save(tensors, tmp))
+    return data
 
 
 # CIFAR-10's classes (also CINIC-10's, in the same order) in two coarse groups: a client

@@ -25,26 +25,23 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.server import ServerApp, ServerAppComponents
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from pFedHN.client import client_builder
-from pFedHN.config import validate
+from pFedHN.config import compose_config, validate
 from pFedHN.main import prepare, start_experiment
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=4)
-def compose_config(overrides: str) -> DictConfig:
-    """The config ``python -m pFedHN.main <overrides>`` would run with."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=shlex.split(overrides))
+def _config(overrides: str) -> DictConfig:
+    """The run config's ``overrides`` (one string, as on a command line), composed."""
+    return compose_config(shlex.split(overrides))
 
 
 def _server_fn(context: Context) -> ServerAppComponents:
-    cfg = prepare(compose_config(str(context.run_config["overrides"])), check_data=False)
+    cfg = prepare(_config(str(context.run_config["overrides"])), check_data=False)
     run_dir = str(context.run_config.get("run-dir", "")) or \
         f"outputs/deployment/{context.run_id}"
     experiment = start_experiment(cfg, Path(run_dir).expanduser().resolve())
@@ -53,10 +50,10 @@ def _server_fn(context: Context) -> ServerAppComponents:
 
 @functools.lru_cache(maxsize=4)
 def _builder(overrides: str):
-    cfg = compose_config(overrides)
+    cfg = _config(overrides)
     validate(cfg)  # a bad override fails on the node with the same message as in simulation
     # Decided on this node: e.g. device=auto picks the node's own GPU, if any.
-    return client_builder(cfg)
+    return client_builder(cfg, data_cache=True)
 
 
 def _client_fn(context: Context):

@@ -31,8 +31,9 @@ from pFedHN.config import (
 )
 from pFedHN.dataset import DataNotFoundError, describe_summary, ensure_available
 from pFedHN.device import configure_torch, resolve_device
+from pFedHN.files import write_json_atomic
 from pFedHN.novel import distribution_shift, novel_summary, plot_novel
-from pFedHN.results import RunRecorder, write_json_atomic
+from pFedHN.results import RunRecorder
 from pFedHN.server import build_strategy, server_components
 from pFedHN.strategy import PFedHNStrategy
 

@@ -20,15 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pFedHN.config import VARIANTS  # noqa: E402
+from pFedHN.files import write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write then rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def summarize(evaluations: list[dict[str, float]]) -> dict[str, float | int | None]:
@@ -468,14 +462,11 @@ def add_split(summary_dir: Path, data_root: Path) -> None:
     The split is a function of the config and the data's labels, so it is
     recomputed from the summary's config with its data at ``data_root``.
     """
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pFedHN.config import describe_split  # the data, only for this
+    from pFedHN.config import compose_config, describe_split  # the data, only for this
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config")
+    cfg = compose_config()
     OmegaConf.set_struct(cfg, False)  # older summaries may hold since-renamed keys
     cfg = OmegaConf.merge(cfg, OmegaConf.load(summary_dir / "config.yaml"))
     cfg.dataset.root = str(data_root)

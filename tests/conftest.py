@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
+
+from pFedHN.config import compose_config  # noqa: F401 (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MNIST = REPO / "tests" / "fixtures" / "tiny_mnist"
@@ -17,12 +18,6 @@ TINY_OVERRIDES = [
     f"dataset.root={TINY_MNIST}", "dataset.download=false", "dataset.val_size=500",
     "num_clients=10",
 ]
-
-
-def compose_config(overrides: list[str]):
-    """The config `python -m pFedHN.main <overrides>` would run with."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from pFedHN.config import ConfigError
+from pFedHN import dataset as dataset_module
+from pFedHN.config import ConfigError, data_spec, split_kwargs
 from pFedHN.dataset import (
     DATASETS,
     DataNotFoundError,
     assign_classes,
+    cached_partition,
     client_indices,
     dataset_spec,
     ensure_available,
@@ -203,3 +205,25 @@ def test_local_test_share_splits_each_clients_pooled_data():
     for client in data:
         assert len(client.test_y) == round(0.25 * (len(client.train_y) + len(client.test_y)))
         assert set(client.test_y.tolist()) <= set(client.train_y.tolist())
+
+
+def test_cached_partition_is_decoded_once_then_read_from_disk(tmp_path, monkeypatch):
+    cfg = compose_config(TINY_OVERRIDES)
+    spec, split = data_spec(cfg), split_kwargs(cfg)
+    fresh = federated_data(spec, cfg.dataset.root, **split)[3]
+    first = cached_partition(tmp_path, spec, cfg.dataset.root, 3, **split)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("partition3-")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded the dataset again")
+
+    monkeypatch.setattr(dataset_module, "federated_data", no_decoding)
+    again = cached_partition(tmp_path, spec, cfg.dataset.root, 3, **split)
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"):
+        assert torch.equal(getattr(again, name), getattr(fresh, name))
+        assert torch.equal(getattr(first, name), getattr(fresh, name))
+    with pytest.raises(AssertionError, match="decoded"):  # another split: another file
+        cached_partition(tmp_path, spec, cfg.dataset.root, 3, **(split | {"seed": 7}))
+    with pytest.raises(AssertionError, match="decoded"):  # another partition
+        cached_partition(tmp_path, spec, cfg.dataset.root, 4, **split)

@@ -42,6 +42,7 @@ class Processes:
         self.root = root
         # The SuperLink and SuperNodes start Flower's other programs from PATH.
         self.env = os.environ | {"FLWR_HOME": str(root / "flwr_home"),
+                                 "XDG_CACHE_HOME": str(root / "cache"),
                                  "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.started: list[subprocess.Popen] = []
 
@@ -181,6 +182,9 @@ def test_deploy_folder_data_on_a_secure_federation_the_server_without_images_and
     assert (run_dir / "checkpoint.pt").exists()
     assert results["evaluations"][-1]["test_acc"] > 1 / 6  # the classes are learnable
     assert not (link_dir / "images").exists()
+    # Each SuperNode decoded its partition once; later messages read it from disk.
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "pfedhn").iterdir())
+    assert cached == ["partition0", "partition1", "partition2"]
     print(f"deployment test took {time.monotonic() - started:.0f} s")
 
 
