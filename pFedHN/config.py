@@ -133,6 +133,8 @@ def validate(cfg: DictConfig, on_disk: bool = True) -> None:
     if cfg.server.round_timeout is not None:
         _positive(cfg, "server.round_timeout")
     _positive(cfg, "server.node_timeout")
+    if cfg.simulation.poll_interval is not None:
+        _positive(cfg, "simulation.poll_interval")
     _validate_partition(cfg, by_alphabet)
     _validate_hardware(cfg)
 

@@ -93,6 +93,8 @@ def test_defaults_are_the_authors_cifar10_setting():
     ("server.lr=-1", "server.lr"),
     ("client.batch_size=0", "client.batch_size"),
     ("eval_every=1000", "eval_every"),
+    ("server.node_timeout=0", "server.node_timeout"),
+    ("simulation.poll_interval=-0.1", "simulation.poll_interval"),
 ])
 def test_bad_values_name_the_key(override, key):
     cfg = compose_config(TINY_OVERRIDES + ["num_rounds=100", override])
