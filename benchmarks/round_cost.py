@@ -1,6 +1,7 @@
 """What a pFedHN round costs: plain PyTorch in one process vs the real Flower simulation.
 
-    python benchmarks/round_cost.py [--rounds N] [--plain-only] [Hydra overrides ...]
+    python benchmarks/round_cost.py [--rounds N] [--plain-only] [--profile]
+        [--json FILE] [Hydra overrides ...]
 
 e.g. on the CIFAR-10 JPEG copy extracted to /tmp/cifar10-jpeg:
 
@@ -17,7 +18,10 @@ estimates.
 
 GPU mode: add ``device=cuda`` (``device=auto`` picks it where there is one).
 ``--plain-only`` skips the Flower part, for machines without Flower's
-simulation extra (Ray).
+simulation extra (Ray). ``--profile`` first prints where a plain round's time
+goes (torch's profiler: the inner step by operation, the hypernetwork's
+generate, VJP and optimizer step). ``--json FILE`` also writes the figures,
+the settings and the machine, for docs/performance.md.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import tempfile
 import threading
@@ -102,7 +107,8 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def plain_rounds(cfg, rounds: int) -> tuple[dict[str, list[float]], torch.Tensor]:
+def plain_rounds(cfg, rounds: int,
+                 evaluate: bool = True) -> tuple[dict[str, list[float]], torch.Tensor]:
     """The same step without Flower: generate, client fit, VJP update.
 
     Also times two plain evaluation rounds (every client) at the end. Returns the
@@ -136,7 +142,7 @@ def plain_rounds(cfg, rounds: int) -> tuple[dict[str, list[float]], torch.Tensor
         times["round"].append(t3 - t0)
         times["client"].append(t2 - t1)
         times["server"].append((t1 - t0) + (t3 - t2))
-    for _ in range(2):  # the first evaluation warms up (e.g. cuDNN's kernel choice)
+    for _ in range(2 if evaluate else 0):  # the first warms up (e.g. cuDNN's kernel choice)
         t0 = clock(device)
         for i in range(cfg.num_clients):
             client(i).evaluate(strategy.generate(i), {})
@@ -145,12 +151,40 @@ def plain_rounds(cfg, rounds: int) -> tuple[dict[str, list[float]], torch.Tensor
     return times, weights
 
 
+def profile_plain_rounds(cfg, rounds: int, top: int = 25) -> None:
+    """Print torch's profile of ``rounds`` plain rounds: self time per operation."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + \
+        ([ProfilerActivity.CUDA] if torch.device(cfg.device).type == "cuda" else [])
+    with profile(activities=activities) as prof, record_function("plain rounds"):
+        plain_rounds(cfg, rounds, evaluate=False)
+    sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=top))
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on."""
+    import flwr
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "flwr": flwr.__version__,
+            "python": platform.python_version()}
+
+
 def main() -> None:
     """Run both parts and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--plain-only", action="store_true",
                         help="skip the Flower part (no Ray on this machine)")
+    parser.add_argument("--profile", action="store_true",
+                        help="first print torch's profile of 20 plain rounds")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = compose_config(args.overrides)
@@ -172,6 +206,8 @@ def main() -> None:
           f"{args.rounds} rounds, device {cfg.device} ({hardware}), torch {torch.__version__}; "
           f"hypernetwork {hnet_size / 1e6:.2f} M parameters ({4 * hnet_size / 2**20:.0f} MiB)")
 
+    if args.profile:
+        profile_plain_rounds(cfg, 20)
     # Plain rounds before and after the Flower run, so that a drift in the
     # machine's speed shows up instead of biasing the ratio.
     before, weights_before = plain_rounds(cfg, args.rounds // 2)
@@ -205,7 +241,26 @@ def main() -> None:
     if device.type == "cuda":
         print(f"peak GPU memory (plain part): {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
               " MiB allocated by torch")
+    figures = {
+        "plain_round_s": plain_round, "plain_client_s": plain_client,
+        "plain_server_s": statistics.median(plain["server"]),
+        "plain_evaluation_round_s": plain_eval,
+        "plain_full_protocol_estimate_s": 5000 * plain_round + n_evals * plain_eval,
+        "plain_repeats_bit_for_bit": bool(torch.equal(weights_before, weights_after)),
+    }
+    settings = {"overrides": args.overrides, "rounds": args.rounds,
+                "num_clients": cfg.num_clients, "device": cfg.device,
+                "poll_interval": cfg.simulation.poll_interval,
+                "hypernetwork_parameters": hnet_size, "warm_up_rounds_skipped": skip}
+
+    def write_json() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"settings": settings, "machine": machine(),
+                                             **figures}, indent=2) + "\n")
+            print(f"wrote {args.json}")
+
     if results is None:
+        write_json()
         return
     flower = results["timing"]
     rest = flower["median_round_s"] - flower["median_client_s"] - flower["median_server_s"]
@@ -219,6 +274,15 @@ def main() -> None:
           f"server process alone: {memory.peak_server / 2**30:.2f} GiB")
     print(f"full protocol estimate (5000 rounds, {n_evals} evaluations): "
           f"{minutes(flower['median_round_s'], eval_median)}")
+    figures |= {
+        "flower_round_s": flower["median_round_s"], "flower_client_s": flower["median_client_s"],
+        "flower_server_s": flower["median_server_s"], "flower_rest_s": rest,
+        "flower_over_plain": flower["median_round_s"] / plain_round,
+        "evaluation_round_s": eval_median,
+        "full_protocol_estimate_s": 5000 * flower["median_round_s"] + n_evals * eval_median,
+        "peak_memory_tree_bytes": memory.peak, "peak_memory_server_bytes": memory.peak_server,
+    }
+    write_json()
 
 
 if __name__ == "__main__":
