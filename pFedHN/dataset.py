@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import datasets
 
 from pFedHN.files import write_atomic
 
@@ -32,7 +33,7 @@ class DatasetSpec:
     mean: tuple[float, ...] | None  # None: measured on the training images
     std: tuple[float, ...] | None
     layout: str  # the files expected under dataset.root
-    torchvision_class: type | None = None  # None: an image folder
+    torchvision_name: str | None = None  # a class of torchvision.datasets; None: image folders
     train_folders: tuple[str, ...] = ("train",)  # image folders: pooled into the training set
     split: str = "classes"  # "classes": the authors' split; "alphabets": Omniglot's
 
@@ -41,17 +42,17 @@ DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         10, 1, 28, (0.1307,), (0.3081,),
         "<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
-        datasets.MNIST,
+        "MNIST",
     ),
     "cifar10": DatasetSpec(
         10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
         "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
-        datasets.CIFAR10,
+        "CIFAR10",
     ),
     "cifar100": DatasetSpec(
         100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
         "<root>/cifar-100-python/{train,test,meta}",
-        datasets.CIFAR100,
+        "CIFAR100",
     ),
     # Your own images in torchvision's ImageFolder layout; classes are read off disk.
     "folder": DatasetSpec(
@@ -71,7 +72,7 @@ DATASETS: dict[str, DatasetSpec] = {
 DATASETS["omniglot"] = DatasetSpec(
     0, 1, 28, None, None,
     "<root>/omniglot-py/images_{background,evaluation}/<alphabet>/<character>/<image>.png",
-    datasets.Omniglot, split="alphabets",
+    "Omniglot", split="alphabets",
 )
 OMNIGLOT_SHARES = (14, 2, 4)  # drawings per character for train, val, test
 DOWNLOAD_HINTS = {
@@ -93,7 +94,7 @@ def dataset_spec(
 ) -> DatasetSpec:
     """The spec of ``name``; for an image folder, with its classes read off disk."""
     spec = DATASETS[name]
-    if spec.torchvision_class is not None:
+    if spec.torchvision_name is not None:
         return spec
     root = Path(root).expanduser().resolve()
     classes = {}
@@ -124,15 +125,16 @@ def dataset_spec(
 def _open(spec: DatasetSpec, root: Path, download: bool) -> list:
     """The torchvision dataset objects of both halves of ``spec``'s data."""
     if spec.split == "alphabets":
-        return [_ExtractedOmniglot(str(root), background=b, download=download)
-                for b in (True, False)]
-    return [spec.torchvision_class(str(root), train=t, download=download) for t in (True, False)]
+        omniglot = _extracted_omniglot_class()
+        return [omniglot(str(root), background=b, download=download) for b in (True, False)]
+    dataset_class = getattr(torchvision_datasets(), spec.torchvision_name)
+    return [dataset_class(str(root), train=t, download=download) for t in (True, False)]
 
 
 def ensure_available(name: str, root: str | Path, download: bool) -> None:
     """Check (or download) the dataset before any long work starts."""
     spec = DATASETS[name]
-    if spec.torchvision_class is None:
+    if spec.torchvision_name is None:
         dataset_spec(name, root)  # raises when the folder layout is not there
         return
     root = Path(root).expanduser().resolve()
@@ -159,13 +161,14 @@ def load_images(
     spec: DatasetSpec, root: str | Path, train: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole split as (uint8 images N x C x H x W, int64 labels)."""
-    if spec.torchvision_class is None:
+    if spec.torchvision_name is None:
         parts = [_load_folder(Path(root) / folder, spec.image_size)
                  for folder in (spec.train_folders if train else ("test",))]
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
     if spec.split == "alphabets":  # one pool of drawings; the split picks train and test
         return _load_omniglot(str(root), spec.image_size)
-    ds = spec.torchvision_class(str(root), train=train, download=False)
+    ds = getattr(torchvision_datasets(), spec.torchvision_name)(str(root), train=train,
+                                                                 download=False)
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # MNIST: N x H x W
         images = images.unsqueeze(1)
@@ -176,7 +179,8 @@ def load_images(
 
 def _load_folder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image of an ImageFolder once, to RGB at image_size x image_size."""
-    listing = datasets.ImageFolder(str(folder))  # torchvision's layout, file filter, loader
+    # torchvision's layout, file filter and loader
+    listing = torchvision_datasets().ImageFolder(str(folder))
     images = np.empty((len(listing.samples), image_size, image_size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(listing.samples):
         image = listing.loader(path)  # PIL, converted to RGB
@@ -187,11 +191,25 @@ def _load_folder(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Ten
             torch.tensor(listing.targets, dtype=torch.long))
 
 
-class _ExtractedOmniglot(datasets.Omniglot):
-    """torchvision's Omniglot, accepting the extracted folders without their zip files."""
+def torchvision_datasets() -> ModuleType:
+    """``torchvision.datasets``, imported where data is read, not with this module.
 
-    def _check_integrity(self) -> bool:
-        return Path(self.root, self._get_target_folder()).is_dir() or super()._check_integrity()
+    Importing torchvision (its models and ops too) takes about a second, which a
+    SuperNode's per-message process reading its cached partition can skip.
+    """
+    return importlib.import_module("torchvision.datasets")
+
+
+@functools.lru_cache(maxsize=1)
+def _extracted_omniglot_class() -> type:
+    """The Omniglot of torchvision, accepting the extracted folders without their zips."""
+
+    class ExtractedOmniglot(torchvision_datasets().Omniglot):
+        def _check_integrity(self) -> bool:
+            return Path(self.root, self._get_target_folder()).is_dir() \
+                or super()._check_integrity()
+
+    return ExtractedOmniglot
 
 
 @functools.lru_cache(maxsize=2)
@@ -595,12 +613,13 @@ def load_labels(spec: DatasetSpec, root: str | Path, train: bool) -> np.ndarray:
     """A split's labels, without decoding an image folder's images."""
     if spec.split == "alphabets":
         return omniglot_listing(str(root))[1]
-    if spec.torchvision_class is None:
+    if spec.torchvision_name is None:
         return np.concatenate([
-            np.asarray(datasets.ImageFolder(str(Path(root) / folder)).targets)
+            np.asarray(torchvision_datasets().ImageFolder(str(Path(root) / folder)).targets)
             for folder in (spec.train_folders if train else ("test",))
         ])
-    return np.asarray(spec.torchvision_class(str(root), train=train, download=False).targets)
+    dataset_class = getattr(torchvision_datasets(), spec.torchvision_name)
+    return np.asarray(dataset_class(str(root), train=train, download=False).targets)
 
 
 def split_indices(

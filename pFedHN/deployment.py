@@ -29,7 +29,6 @@ from omegaconf import DictConfig
 
 from pFedHN.client import client_builder
 from pFedHN.config import compose_config, validate
-from pFedHN.main import prepare, start_experiment
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,10 @@ def _config(overrides: str) -> DictConfig:
 
 
 def _server_fn(context: Context) -> ServerAppComponents:
+    # Here, not at the top: a SuperNode's ClientApp process (one per message)
+    # need not import the simulation engine and the results' plotting.
+    from pFedHN.main import prepare, start_experiment
+
     cfg = prepare(_config(str(context.run_config["overrides"])), check_data=False)
     run_dir = str(context.run_config.get("run-dir", "")) or \
         f"outputs/deployment/{context.run_id}"

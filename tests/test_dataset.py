@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -20,7 +22,7 @@ from pFedHN.dataset import (
     split_by_assignment,
 )
 from pFedHN.main import prepare
-from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config, write_image_folder
+from tests.conftest import REPO, TINY_MNIST, TINY_OVERRIDES, compose_config, write_image_folder
 
 
 @pytest.mark.parametrize("clients,classes,per_client", [(50, 10, 2), (50, 100, 10), (7, 10, 3)])
@@ -227,3 +229,29 @@ def test_cached_partition_is_decoded_once_then_read_from_disk(tmp_path, monkeypa
         cached_partition(tmp_path, spec, cfg.dataset.root, 3, **(split | {"seed": 7}))
     with pytest.raises(AssertionError, match="decoded"):  # another partition
         cached_partition(tmp_path, spec, cfg.dataset.root, 4, **split)
+
+
+def test_a_supernode_message_with_a_cached_partition_imports_no_torchvision_nor_simulation(
+    tmp_path,
+):
+    """flwr 1.42 starts a process per message: it should import only what it uses."""
+    cfg = compose_config(TINY_OVERRIDES)
+    cached_partition(tmp_path, data_spec(cfg), cfg.dataset.root, 2, **split_kwargs(cfg))
+    script = f"""
+import sys
+from flwr.app import Context, RecordDict
+import pFedHN.deployment
+from pFedHN.client import client_builder
+from pFedHN.config import compose_config
+cfg = compose_config({TINY_OVERRIDES!r})
+context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={{}},
+                  node_config={{"partition-id": 2, "data-cache-dir": {str(tmp_path)!r}}})
+client = client_builder(cfg, data_cache=True)(context)
+assert len(client.data.train_y) > 0
+print(sorted(m for m in ("torchvision", "flwr.simulation", "matplotlib", "ray")
+             if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
