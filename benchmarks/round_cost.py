@@ -42,7 +42,7 @@ from flwr.app import RecordDict
 from omegaconf import open_dict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
-from pFedHN.config import compose_config, data_spec, split_kwargs, target_kwargs
+from pFedHN.config import compose_config, data_spec, split_settings, target_kwargs
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
@@ -119,7 +119,7 @@ def plain_rounds(cfg, rounds: int,
     configure_torch(cfg.deterministic, threads)
     device = torch.device(cfg.device)
     strategy = build_strategy(cfg)
-    clients = federated_data(data_spec(cfg), cfg.dataset.root, **split_kwargs(cfg),
+    clients = federated_data(data_spec(cfg), cfg.dataset.root, split_settings(cfg),
                              device=cfg.device)
     loop = InnerLoop.from_config(cfg)
     states = [RecordDict() for _ in clients]

@@ -23,7 +23,7 @@ from pFedHN.config import (
     data_spec,
     has_global_model,
     is_multi_head,
-    split_kwargs,
+    split_settings,
     target_kwargs,
 )
 from pFedHN.dataset import ClientData, cached_partition, federated_data
@@ -445,9 +445,9 @@ def client_builder(
         if data_cache:
             cache_dir = context.node_config.get("data-cache-dir") or DATA_CACHE_DIR
             data = cached_partition(str(cache_dir), spec, cfg.dataset.root, partition_id,
-                                    **split_kwargs(cfg)).to(device)
+                                    split_settings(cfg)).to(device)
         else:
-            data = federated_data(spec, cfg.dataset.root, **split_kwargs(cfg),
+            data = federated_data(spec, cfg.dataset.root, split_settings(cfg),
                                   device=str(device))[partition_id]
         store = LocalStore(
             context.state,

@@ -17,6 +17,7 @@ from pFedHN.dataset import (
     CIFAR10_VEHICLES,
     DATASETS,
     DatasetSpec,
+    SplitSettings,
     dataset_spec,
     load_labels,
     omniglot_listing,
@@ -263,7 +264,7 @@ def split_with_labels(
         train_labels = load_labels(spec, cfg.dataset.root, train=True)
     test_labels = load_labels(spec, cfg.dataset.root, train=False)
     split = split_indices(spec, cfg.dataset.root, train_labels, test_labels,
-                          **split_kwargs(cfg))
+                          split_settings(cfg))
     if spec.split == "alphabets":  # one pool of drawings
         return split, dict.fromkeys(split, train_labels)
     if cfg.dataset.local_test_share is not None:  # indices run over train, then test
@@ -319,20 +320,20 @@ def num_partitions(cfg: DictConfig) -> int:
     return cfg.num_clients + cfg.novel.num_clients
 
 
-def split_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """How the data is split among the partitions (``client_indices``/``federated_data``)."""
-    return {
-        "num_clients": num_partitions(cfg),
-        "classes_per_client": cfg.client.num_classes_per_node,
-        "val_size": cfg.dataset.val_size,
-        "seed": cfg.seed,
-        "novel": cfg.novel.num_clients,
-        "novel_alpha": cfg.novel.dirichlet_alpha,
-        "partition": cfg.client.partition,
-        "dirichlet_alpha": cfg.client.dirichlet_alpha,
-        "min_samples": cfg.client.min_samples,
-        "local_test_share": cfg.dataset.local_test_share,
-    }
+def split_settings(cfg: DictConfig) -> SplitSettings:
+    """How this config deals the data out to its partitions."""
+    return SplitSettings(
+        num_clients=num_partitions(cfg),
+        classes_per_client=cfg.client.num_classes_per_node,
+        val_size=cfg.dataset.val_size,
+        seed=cfg.seed,
+        novel=cfg.novel.num_clients,
+        novel_alpha=cfg.novel.dirichlet_alpha,
+        partition=cfg.client.partition,
+        dirichlet_alpha=cfg.client.dirichlet_alpha,
+        min_samples=cfg.client.min_samples,
+        local_test_share=cfg.dataset.local_test_share,
+    )
 
 
 def data_spec(cfg: DictConfig, on_disk: bool = True) -> DatasetSpec:

@@ -373,20 +373,24 @@ class ClientData:
         return ClientData(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """How the samples are dealt out to the clients (see ``client_indices``)."""
+
+    num_clients: int  # every partition: the training clients, then the novel ones
+    classes_per_client: int
+    val_size: int
+    seed: int
+    novel: int = 0
+    novel_alpha: float | None = None
+    partition: str = "classes"
+    dirichlet_alpha: float = 0.5
+    min_samples: int = 0
+    local_test_share: float | None = None
+
+
 def client_indices(
-    train_labels: np.ndarray,
-    test_labels: np.ndarray,
-    num_classes: int,
-    num_clients: int,
-    classes_per_client: int,
-    val_size: int,
-    seed: int,
-    novel: int = 0,
-    novel_alpha: float | None = None,
-    partition: str = "classes",
-    dirichlet_alpha: float = 0.5,
-    min_samples: int = 0,
-    local_test_share: float | None = None,
+    train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int, split: SplitSettings
 ) -> dict[str, list[np.ndarray]]:
     """The whole split from labels alone: per split, each client's sample indices.
 
@@ -404,6 +408,9 @@ def client_indices(
     into its own train and test. The last ``novel`` clients are held out from
     training; with ``novel_alpha`` their data is redrawn (see ``redraw_dirichlet``).
     """
+    num_clients, classes_per_client, val_size, seed = (
+        split.num_clients, split.classes_per_client, split.val_size, split.seed)
+    partition, local_test_share = split.partition, split.local_test_share
     if partition == "mh-authors":
         return mh_authors_indices(train_labels, test_labels, num_classes, num_clients,
                                   classes_per_client, local_test_share, seed)
@@ -429,23 +436,25 @@ def client_indices(
                                        shuffle)
     else:
         proportions = dirichlet_proportions(labels["train"][pools["train"]], num_clients,
-                                            num_classes, dirichlet_alpha, min_samples, rng)
+                                            num_classes, split.dirichlet_alpha,
+                                            split.min_samples, rng)
 
         def divide(name: str) -> list[np.ndarray]:
             return split_by_proportions(labels[name][pools[name]], proportions, rng)
-    split = {}
+    indices = {}
     for name in ("train", "val", "test"):  # the authors' order
         if name in pools:
-            split[name] = [pools[name][i] for i in divide(name)]
+            indices[name] = [pools[name][i] for i in divide(name)]
     if pooled:  # each client's own data: a share of it is its test set
-        cut = [rng.permutation(idx) for idx in split["train"]]
+        cut = [rng.permutation(idx) for idx in indices["train"]]
         sizes = [round(len(idx) * local_test_share) for idx in cut]
-        split["test"] = [idx[:k] for idx, k in zip(cut, sizes, strict=True)]
-        split["train"] = [idx[k:] for idx, k in zip(cut, sizes, strict=True)]
-    if novel and novel_alpha is not None:
-        redraw_dirichlet(split, pools, labels, num_classes, num_clients - novel, novel_alpha,
+        indices["test"] = [idx[:k] for idx, k in zip(cut, sizes, strict=True)]
+        indices["train"] = [idx[k:] for idx, k in zip(cut, sizes, strict=True)]
+    if split.novel and split.novel_alpha is not None:
+        redraw_dirichlet(indices, pools, labels, num_classes, num_clients - split.novel,
+                         split.novel_alpha,
                          np.random.default_rng([seed, 1]))  # own stream: training data unchanged
-    return split
+    return indices
 
 
 def authors_generators(
@@ -627,33 +636,20 @@ def split_indices(
     root: str | Path,
     train_labels: np.ndarray,
     test_labels: np.ndarray,
-    **split: Any,
+    split: SplitSettings,
 ) -> dict[str, list[np.ndarray]]:
-    """Each client's sample indices per split, for any dataset.
-
-    Takes the labels the caller has already read; ``split``: the keyword
-    arguments of ``client_indices``.
-    """
+    """Each client's sample indices per split, for any dataset (from labels already read)."""
     if spec.split == "alphabets":  # one pool of drawings: train_labels
         return alphabet_indices(train_labels, omniglot_listing(str(root))[2],
-                                split["num_clients"], split["seed"])
-    return client_indices(train_labels, test_labels, spec.num_classes, **split)
+                                split.num_clients, split.seed)
+    return client_indices(train_labels, test_labels, spec.num_classes, split)
 
 
 @functools.lru_cache(maxsize=1)
 def federated_data(
     spec: DatasetSpec,
     root: str,
-    num_clients: int,
-    classes_per_client: int,
-    val_size: int,
-    seed: int,
-    novel: int = 0,
-    novel_alpha: float | None = None,
-    partition: str = "classes",
-    dirichlet_alpha: float = 0.5,
-    min_samples: int = 0,
-    local_test_share: float | None = None,
+    split: SplitSettings,
     device: str = "cpu",
 ) -> tuple[ClientData, ...]:
     """Every client's data, built once per process (cached) from one seed, on ``device``.
@@ -662,11 +658,7 @@ def federated_data(
     """
     train_x, train_y = load_images(spec, root, train=True)
     test_x, test_y = load_images(spec, root, train=False)
-    split = split_indices(spec, root, train_y.numpy(), test_y.numpy(), num_clients=num_clients,
-                          classes_per_client=classes_per_client, val_size=val_size, seed=seed,
-                          novel=novel, novel_alpha=novel_alpha, partition=partition,
-                          dirichlet_alpha=dirichlet_alpha, min_samples=min_samples,
-                          local_test_share=local_test_share)
+    indices = split_indices(spec, root, train_y.numpy(), test_y.numpy(), split)
     if spec.mean is None or spec.std is None:  # measured on the training images
         pixels = train_x.float().div_(255.0).transpose(0, 1).flatten(1)
         mean, std = pixels.mean(1), pixels.std(1)
@@ -674,14 +666,14 @@ def federated_data(
         mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
     mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
     sources = {"train": (train_x, train_y), "val": (train_x, train_y), "test": (test_x, test_y)}
-    if local_test_share is not None:  # indices run over the training set, then the test set
+    if split.local_test_share is not None:  # indices run over the training set, then the test set
         pooled = (torch.cat([train_x, test_x]), torch.cat([train_y, test_y]))
         sources = dict.fromkeys(sources, pooled)
     clients = []
-    for i in range(num_clients):
+    for i in range(split.num_clients):
         parts = {}
         for name, (x, y) in sources.items():
-            idx = torch.from_numpy(split[name][i])
+            idx = torch.from_numpy(indices[name][i])
             parts[f"{name}_x"] = x[idx].contiguous()
             parts[f"{name}_y"] = y[idx].contiguous()
         if spec.split == "alphabets":  # local labels: the client's own characters, in order
@@ -693,7 +685,8 @@ def federated_data(
 
 
 def cached_partition(
-    cache_dir: str | Path, spec: DatasetSpec, root: str | Path, partition_id: int, **split: Any
+    cache_dir: str | Path, spec: DatasetSpec, root: str | Path, partition_id: int,
+    split: SplitSettings,
 ) -> ClientData:
     """One partition's data (on the CPU), decoded and split once per machine.
 
@@ -701,16 +694,16 @@ def cached_partition(
     which would otherwise decode and split the whole dataset again each time.
     The file's name hashes what defines the partition: the dataset's spec, its
     root and the modification times of the root's entries, the split settings
-    (``split_kwargs``) and the partition. Delete ``cache_dir`` to rebuild.
+    and the partition. Delete ``cache_dir`` to rebuild.
     """
     root = Path(root).expanduser().resolve()
     stamp = sorted((entry.name, entry.stat().st_mtime_ns) for entry in root.iterdir())
-    key = hashlib.sha256(repr((spec, str(root), stamp, sorted(split.items()), partition_id))
+    key = hashlib.sha256(repr((spec, str(root), stamp, split, partition_id))
                          .encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"partition{partition_id}-{key}.pt"
     if path.exists():
         return ClientData(**torch.load(path))
-    data = federated_data(spec, str(root), **split)[partition_id]
+    data = federated_data(spec, str(root), split)[partition_id]
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f.name: getattr(data, f.name) for f in fields(data)}
     write_atomic(path, lambda tmp: torch.save(tensors, tmp))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pFedHN.config import ConfigError, validate
-from pFedHN.dataset import client_indices
+from pFedHN.dataset import SplitSettings, client_indices
 from tests.conftest import TINY_OVERRIDES, compose_config
 
 # CIFAR-10 as an image folder lists it (the JPEG copy): class by class.
@@ -70,7 +70,7 @@ def reference_split(train_labels, test_labels, num_classes, clients, per_client,
 
 
 def test_authors_split_of_cifar10_matches_their_totals_and_clients():
-    ours = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="authors")
+    ours = client_indices(TRAIN, TEST, 10, SplitSettings(50, 2, 10000, 42, partition="authors"))
     # Measured with the authors' trainer on the JPEG copy (seed 42, 50 clients).
     assert sum(map(len, ours["test"])) == 9025
     assert sum(map(len, ours["val"])) == 9031
@@ -88,15 +88,16 @@ def test_authors_split_of_cifar10_matches_their_totals_and_clients():
 def test_authors_split_matches_the_reference_for_other_settings(clients, per_client, seed):
     rng = np.random.default_rng(5)
     train, test = rng.integers(0, 10, 6000), rng.integers(0, 10, 1500)
-    ours = client_indices(train, test, 10, clients, per_client, 1000, seed, partition="authors")
+    ours = client_indices(train, test, 10,
+                          SplitSettings(clients, per_client, 1000, seed, partition="authors"))
     reference = reference_split(train, test, 10, clients, per_client, 1000, seed)
     for name in ("train", "val", "test"):
         assert [sorted(i.tolist()) for i in ours[name]] == reference[name], name
 
 
 def test_authors_split_differs_from_the_packages_own_split():
-    theirs = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="authors")
-    ours = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="classes")
+    theirs = client_indices(TRAIN, TEST, 10, SplitSettings(50, 2, 10000, 42, partition="authors"))
+    ours = client_indices(TRAIN, TEST, 10, SplitSettings(50, 2, 10000, 42, partition="classes"))
     assert sum(map(len, ours["val"])) != sum(map(len, theirs["val"]))
     assert [set(TRAIN[i].tolist()) for i in ours["train"]] != \
         [set(TRAIN[i].tolist()) for i in theirs["train"]]
@@ -108,7 +109,7 @@ def test_authors_split_leaves_global_generators_alone():
     before = np.random.rand(), random.random()
     np.random.seed(3)
     random.seed(3)
-    client_indices(TRAIN, TEST, 10, 10, 2, 1000, 42, partition="authors")
+    client_indices(TRAIN, TEST, 10, SplitSettings(10, 2, 1000, 42, partition="authors"))
     assert (np.random.rand(), random.random()) == before
 
 
@@ -162,16 +163,16 @@ def reference_mh_split(labels, num_classes, clients, per_client, seed):
 def test_mh_authors_split_matches_the_reference(classes, clients, per_client, seed):
     rng = np.random.default_rng(1)
     train, test = rng.integers(0, classes, 8000), rng.integers(0, classes, 2000)
-    ours = client_indices(train, test, classes, clients, per_client, 1000, seed,
-                          partition="mh-authors", local_test_share=0.25)
+    ours = client_indices(train, test, classes, SplitSettings(clients, per_client, 1000, seed,
+                          partition="mh-authors", local_test_share=0.25))
     reference = reference_mh_split(train, classes, clients, per_client, seed)
     assert [sorted(i.tolist()) for i in ours["train"]] == reference[0]
     assert [sorted(i.tolist()) for i in ours["test"]] == reference[1]
 
 
 def test_mh_authors_split_deals_every_training_sample_and_cuts_each_client_75_25():
-    split = client_indices(TRAIN, TEST, 10, 50, 2, 10000, 42, partition="mh-authors",
-                           local_test_share=0.25)
+    split = client_indices(TRAIN, TEST, 10, SplitSettings(50, 2, 10000, 42, partition="mh-authors",
+                           local_test_share=0.25))
     used = np.concatenate(split["train"] + split["test"])
     assert sorted(used.tolist()) == list(range(len(TRAIN)))  # each exactly once
     for train, test, val in zip(split["train"], split["test"], split["val"], strict=True):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, derive_seed, discard_state_after
-from pFedHN.dataset import DATASETS, federated_data
+from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.models import CNNTarget
 from tests.conftest import TINY_MNIST
 
@@ -31,7 +31,8 @@ def manual_inner_loop(theta, data, seed, device="cpu"):
 
 
 def make_client(partition_id=3, state=None, local=False, mirror=None, device="cpu"):
-    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST),
+                          SplitSettings(10, 2, 500, 0))[partition_id]
     model = CNNTarget(**KW, local=local)
     store = LocalStore(state if state is not None else RecordDict(), mirror, checkpoint_every=3)
     client = PFedHNClient(partition_id, data, model, LOOP, seed=7, out_dim=10, store=store,

@@ -1,16 +1,18 @@
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from pFedHN import dataset as dataset_module
-from pFedHN.config import ConfigError, data_spec, split_kwargs
+from pFedHN.config import ConfigError, data_spec, split_settings
 from pFedHN.dataset import (
     DATASETS,
     DataNotFoundError,
+    SplitSettings,
     assign_classes,
     cached_partition,
     client_indices,
@@ -61,7 +63,7 @@ def test_split_takes_int_n_times_p_disjoint_samples_per_class():
 
 
 def test_clients_have_the_same_class_mix_in_train_val_and_test():
-    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)
+    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(10, 2, 500, 0))
     assert len(clients) == 10
     for data in clients:
         mixes = []
@@ -80,16 +82,16 @@ def test_clients_have_the_same_class_mix_in_train_val_and_test():
 
 def test_split_is_seeded():
     federated_data.cache_clear()
-    a = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 1)
+    a = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(10, 2, 500, 1))
     federated_data.cache_clear()
-    b = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 1)
-    c = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 2)
+    b = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(10, 2, 500, 1))
+    c = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(10, 2, 500, 2))
     assert all(torch.equal(x.train_x, y.train_x) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x.train_y, y.train_y) for x, y in zip(a, c, strict=True))
 
 
 def test_normalisation_matches_totensor_then_normalize():
-    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[0]
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(10, 2, 500, 0))[0]
     x = data.train_x[:4]
     expected = (x.float() / 255.0 - 0.1307) / 0.3081
     torch.testing.assert_close(data.normalize(x), expected)
@@ -111,7 +113,7 @@ def test_image_folder_is_read_split_and_resized(tmp_path):
     write_image_folder(tmp_path)
     spec = dataset_spec("folder", tmp_path, image_size=32)
     assert (spec.num_classes, spec.in_channels, spec.image_size) == (3, 3, 32)
-    clients = federated_data(spec, str(tmp_path), 3, 1, 6, 0)
+    clients = federated_data(spec, str(tmp_path), SplitSettings(3, 1, 6, 0))
     for data in clients:
         assert data.train_x.shape[1:] == (3, 32, 32) and data.train_x.dtype == torch.uint8
         label = int(data.test_y[0])
@@ -149,7 +151,7 @@ def test_cinic10_is_read_from_its_own_layout(tmp_path):
     assert np.array_equal(load_labels(spec, tmp_path, train=True), train_y.numpy())
     assert np.bincount(train_y.numpy()).tolist() == [7] * 10
     assert all(int(x[0, 0, 0]) // 20 == int(y) for x, y in zip(train_x, train_y, strict=True))
-    clients = federated_data(spec, str(tmp_path), 5, 2, 10, 0)
+    clients = federated_data(spec, str(tmp_path), SplitSettings(5, 2, 10, 0))
     for data in clients:
         assert len(set(data.train_y.tolist())) <= 2
         assert set(data.test_y.tolist()) <= set(data.train_y.tolist())
@@ -168,8 +170,9 @@ def _labels(n, classes=10, seed=0):
 @pytest.mark.parametrize("alpha,skewed", [(0.05, True), (100.0, False)])
 def test_dirichlet_split_is_disjoint_skewed_by_alpha_and_keeps_min_samples(alpha, skewed):
     train, test = _labels(6000), _labels(1000, seed=1)
-    split = client_indices(train, test, 10, 20, 2, 1000, seed=3, partition="dirichlet",
-                           dirichlet_alpha=alpha, min_samples=40)
+    split = client_indices(train, test, 10, SplitSettings(20, 2, 1000, seed=3,
+                                                          partition="dirichlet",
+                                                          dirichlet_alpha=alpha, min_samples=40))
     for name, pool_size in (("train", 5000), ("val", 1000), ("test", 1000)):
         everything = np.concatenate(split[name])
         assert len(everything) == len(set(everything.tolist())) == pool_size  # disjoint, all
@@ -194,7 +197,8 @@ def test_dirichlet_split_that_cannot_serve_min_samples_names_the_key():
 
 def test_local_test_share_splits_each_clients_pooled_data():
     train, test = _labels(5000), _labels(1000, seed=1)
-    split = client_indices(train, test, 10, 10, 2, 600, seed=0, local_test_share=0.25)
+    split = client_indices(train, test, 10,
+                           SplitSettings(10, 2, 600, seed=0, local_test_share=0.25))
     pooled = np.concatenate([train, test])
     used = np.concatenate([np.concatenate(split[n]) for n in ("train", "val", "test")])
     assert len(used) == len(set(used.tolist())) and used.max() >= 5000  # test images reused
@@ -202,8 +206,8 @@ def test_local_test_share_splits_each_clients_pooled_data():
         total = len(own_train) + len(own_test)
         assert abs(len(own_test) - 0.25 * total) <= 0.5
         assert set(pooled[own_test]) <= set(pooled[own_train])  # the client's own classes
-    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 5, 2, 500, 0,
-                          local_test_share=0.25)
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(5, 2, 500, 0,
+                          local_test_share=0.25))
     for client in data:
         assert len(client.test_y) == round(0.25 * (len(client.train_y) + len(client.test_y)))
         assert set(client.test_y.tolist()) <= set(client.train_y.tolist())
@@ -211,9 +215,9 @@ def test_local_test_share_splits_each_clients_pooled_data():
 
 def test_cached_partition_is_decoded_once_then_read_from_disk(tmp_path, monkeypatch):
     cfg = compose_config(TINY_OVERRIDES)
-    spec, split = data_spec(cfg), split_kwargs(cfg)
-    fresh = federated_data(spec, cfg.dataset.root, **split)[3]
-    first = cached_partition(tmp_path, spec, cfg.dataset.root, 3, **split)
+    spec, split = data_spec(cfg), split_settings(cfg)
+    fresh = federated_data(spec, cfg.dataset.root, split)[3]
+    first = cached_partition(tmp_path, spec, cfg.dataset.root, 3, split)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith("partition3-")
 
@@ -221,14 +225,14 @@ def test_cached_partition_is_decoded_once_then_read_from_disk(tmp_path, monkeypa
         raise AssertionError("decoded the dataset again")
 
     monkeypatch.setattr(dataset_module, "federated_data", no_decoding)
-    again = cached_partition(tmp_path, spec, cfg.dataset.root, 3, **split)
+    again = cached_partition(tmp_path, spec, cfg.dataset.root, 3, split)
     for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"):
         assert torch.equal(getattr(again, name), getattr(fresh, name))
         assert torch.equal(getattr(first, name), getattr(fresh, name))
     with pytest.raises(AssertionError, match="decoded"):  # another split: another file
-        cached_partition(tmp_path, spec, cfg.dataset.root, 3, **(split | {"seed": 7}))
+        cached_partition(tmp_path, spec, cfg.dataset.root, 3, replace(split, seed=7))
     with pytest.raises(AssertionError, match="decoded"):  # another partition
-        cached_partition(tmp_path, spec, cfg.dataset.root, 4, **split)
+        cached_partition(tmp_path, spec, cfg.dataset.root, 4, split)
 
 
 def test_a_supernode_message_with_a_cached_partition_imports_no_torchvision_nor_simulation(
@@ -236,7 +240,7 @@ def test_a_supernode_message_with_a_cached_partition_imports_no_torchvision_nor_
 ):
     """flwr 1.42 starts a process per message: it should import only what it uses."""
     cfg = compose_config(TINY_OVERRIDES)
-    cached_partition(tmp_path, data_spec(cfg), cfg.dataset.root, 2, **split_kwargs(cfg))
+    cached_partition(tmp_path, data_spec(cfg), cfg.dataset.root, 2, split_settings(cfg))
     script = f"""
 import sys
 from flwr.app import Context, RecordDict

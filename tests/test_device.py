@@ -9,7 +9,7 @@ from flwr.app import RecordDict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, client_resources, validate
-from pFedHN.dataset import DATASETS, federated_data
+from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.main import prepare
 from pFedHN.models import CNNTarget
@@ -110,7 +110,8 @@ def test_deterministic_mode_switches_torch_to_deterministic_kernels(restore_dete
 
 def fit_once(device, partition_id=1):
     """One client fit (20 steps) from fixed weights; returns delta_theta."""
-    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST),
+                          SplitSettings(10, 2, 500, 0))[partition_id]
     torch.manual_seed(0)
     model = CNNTarget(1, 7, 10, 28)
     arrays = [p.detach().numpy().copy() for p in model.parameters()]

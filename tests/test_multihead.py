@@ -10,7 +10,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, validate
-from pFedHN.dataset import DATASETS, federated_data
+from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.main import run
 from pFedHN.models import MHHyper
 from pFedHN.strategy import PFedHNStrategy, payload_bytes
@@ -85,7 +85,8 @@ MNIST_ZOO = {"in_channels": 1, "num_classes": 10, "input_size": 28}
 
 def mh_client(partition_id, name, state, global_model=None, epochs=1):
     """A tiny-MNIST MH-pFedHN client of architecture ``name``, on ``state``."""
-    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), 10, 2, 500, 0)[partition_id]
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST),
+                          SplitSettings(10, 2, 500, 0))[partition_id]
     loop = InnerLoop(batch_size=32, weight_decay=5e-4, epochs=epochs)
     return PFedHNClient(partition_id, data, make_client_model(name, **MNIST_ZOO), loop, seed=3,
                         out_dim=10, store=LocalStore(state), flat=True,

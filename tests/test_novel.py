@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pFedHN.dataset import client_indices
+from pFedHN.dataset import SplitSettings, client_indices
 from pFedHN.main import prepare, run, run_novel, trained_strategy
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.novel import distribution_shift
@@ -42,9 +42,9 @@ def labels(n, num_classes, seed):
 @pytest.mark.parametrize("alpha", [0.05, 100.0])
 def test_dirichlet_novel_clients_leave_training_clients_alone(alpha):
     train, test = labels(6000, 10, 1), labels(1000, 10, 2)
-    args = (train, test, 10, 12, 2, 1000, 7)
-    plain = client_indices(*args, novel=2)
-    shifted = client_indices(*args, novel=2, novel_alpha=alpha)
+    plain = client_indices(train, test, 10, SplitSettings(12, 2, 1000, 7, novel=2))
+    shifted = client_indices(train, test, 10,
+                             SplitSettings(12, 2, 1000, 7, novel=2, novel_alpha=alpha))
     for name in ("train", "val", "test"):
         for i in range(10):  # training clients: the very same samples
             assert np.array_equal(plain[name][i], shifted[name][i])

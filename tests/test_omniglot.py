@@ -8,7 +8,13 @@ from PIL import Image
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError
-from pFedHN.dataset import DATASETS, DataNotFoundError, ensure_available, federated_data
+from pFedHN.dataset import (
+    DATASETS,
+    DataNotFoundError,
+    SplitSettings,
+    ensure_available,
+    federated_data,
+)
 from pFedHN.main import prepare
 from pFedHN.models import CNNHyper, ConvNet4, make_target, parameter_shapes
 from tests.conftest import compose_config
@@ -40,7 +46,7 @@ def omniglot_root(tmp_path_factory):
 
 def test_clients_hold_whole_alphabets_with_local_labels(omniglot_root):
     ensure_available("omniglot", omniglot_root, download=False)
-    clients = federated_data(DATASETS["omniglot"], str(omniglot_root), 3, 0, 0, 0)
+    clients = federated_data(DATASETS["omniglot"], str(omniglot_root), SplitSettings(3, 0, 0, 0))
     sizes = []
     for data in clients:
         assert data.train_x.shape[1:] == (1, 28, 28) and data.train_x.dtype == torch.uint8
@@ -86,7 +92,7 @@ def test_conv4_network_and_its_generated_weights():
 
 
 def test_a_pc_client_trains_on_omniglot(omniglot_root):
-    data = federated_data(DATASETS["omniglot"], str(omniglot_root), 3, 0, 0, 0)[0]
+    data = federated_data(DATASETS["omniglot"], str(omniglot_root), SplitSettings(3, 0, 0, 0))[0]
     model = ConvNet4(1, 8, 4, 28, local=True)
     arrays = [p.detach().numpy().copy() for p in model.parameters()]
     client = PFedHNClient(0, data, ConvNet4(1, 8, 4, 28, local=True),

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from pFedHN.dataset import DATASETS, federated_data
+from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.results import END, START, main, summarize
 from tests.conftest import REPO, TINY_MNIST
 
@@ -93,7 +93,7 @@ def test_add_split_recomputes_the_split_of_an_older_summary(workspace):
     main(["--readme", str(readme), "--static", str(static),
           "--add-split", "tiny_mnist_pfedhn", str(TINY_MNIST)])
     split = json.loads(results_file.read_text())["split"]
-    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), 5, 2, 500, 42)
+    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(5, 2, 500, 42))
     assert [c["train"] for c in split["clients"]] == [len(c.train_y) for c in clients]
     assert split["partition"] == "classes"
 

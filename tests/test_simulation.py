@@ -10,7 +10,7 @@ from flwr.common import ndarrays_to_parameters
 from flwr.simulation import run_simulation
 
 from pFedHN.client import make_client_app
-from pFedHN.dataset import DATASETS, federated_data
+from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.main import prepare
 from pFedHN.server import build_strategy, make_server_app
 from pFedHN.strategy import payload_bytes
@@ -85,7 +85,7 @@ def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
     for name in ("accuracy.png", "config.yaml", "main.log"):
         assert (run_dir / name).stat().st_size > 0
     # The split it trained on, client by client, and a run that trained passes the check.
-    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), 5, 2, 500, 42)
+    clients = federated_data(DATASETS["mnist"], str(TINY_MNIST), SplitSettings(5, 2, 500, 42))
     split = results["split"]
     assert split["partition"] == "classes" and split["seed"] == 42
     for data, summary in zip(clients, split["clients"], strict=True):
