@@ -121,6 +121,10 @@ def validate(cfg: DictConfig, on_disk: bool = True) -> None:
         _fail("eval_every", cfg.eval_every, f"at most num_rounds={cfg.num_rounds}")
     _positive(cfg, "novel.rounds", int)
     _positive(cfg, "novel.lr")
+    if cfg.novel.optimizer not in OPTIMIZERS:
+        _fail("novel.optimizer", cfg.novel.optimizer, f"choose one of {OPTIMIZERS}")
+    if cfg.novel.eval_every is not None:
+        _positive(cfg, "novel.eval_every", int)
     novel = cfg.novel.num_clients
     if isinstance(novel, bool) or not isinstance(novel, int) or novel < 0:
         _fail("novel.num_clients", novel, "an integer >= 0")
@@ -163,8 +167,9 @@ def _validate_partition(cfg: DictConfig, by_alphabet: bool) -> None:
     if partition == "authors" and share is not None:
         _fail("client.partition", partition, "the authors' split is pFedHN's protocol; use "
               "dataset.local_test_share=null, or client.partition=classes with a share")
-    if share is not None and cfg.novel.num_clients:
-        _fail("dataset.local_test_share", share, "novel clients need pFedHN's split; use null")
+    if share is not None and cfg.novel.dirichlet_alpha is not None:
+        _fail("novel.dirichlet_alpha", cfg.novel.dirichlet_alpha, "novel clients redrawn from "
+              "a Dirichlet mix need pFedHN's split (dataset.local_test_share=null); use null")
 
 
 def _validate_architectures(cfg: DictConfig, spec: DatasetSpec) -> None:

@@ -248,7 +248,8 @@ def run_novel(cfg: DictConfig, strategy: PFedHNStrategy, run_dir: Path, results:
     """
     novel_ids = range(cfg.num_clients, num_partitions(cfg))
     strategy.learn_embeddings_only(novel_ids, cfg.novel.rounds, cfg.novel.lr,
-                                   cfg.server.momentum)
+                                   cfg.server.momentum, cfg.novel.optimizer,
+                                   cfg.novel.eval_every)
     evaluations: dict[int, dict] = {}
     strategy.on_fit = None
     strategy.on_evaluate = lambda r, metrics, per_client: evaluations.__setitem__(r, per_client)
@@ -261,18 +262,18 @@ def run_novel(cfg: DictConfig, strategy: PFedHNStrategy, run_dir: Path, results:
     shifts = distribution_shift([train_labels[i] for i in split["train"]], cfg.num_clients,
                                 int(train_labels.max()) + 1)
     settings = {"rounds": cfg.novel.rounds, "lr": cfg.novel.lr,
-                "dirichlet_alpha": cfg.novel.dirichlet_alpha,
+                "optimizer": cfg.novel.optimizer, "dirichlet_alpha": cfg.novel.dirichlet_alpha,
                 "from_run": cfg.novel.from_run}
-    summary = novel_summary(evaluations[0], evaluations[cfg.novel.rounds], shifts,
-                            cfg.num_clients, settings)
+    summary = novel_summary(evaluations, shifts, cfg.num_clients, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.novel.from_run:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results = results | {"novel_clients": summary}
     write_json_atomic(run_dir / "results.json", results)
     plot_novel(summary, run_dir / "novel_clients.png")
-    log.info("novel clients: test_acc %.4f before, %.4f after embedding training",
-             summary["test_acc_before"], summary["test_acc_after"])
+    log.info("novel clients: test_acc %.4f before, %.4f after embedding training "
+             "(best %.4f, round %d)", summary["test_acc_before"], summary["test_acc_after"],
+             summary["best_test_acc"], summary["best_test_round"])
     return results
 
 

@@ -33,10 +33,16 @@ def distribution_shift(
 
 
 def novel_summary(
-    before: dict[int, dict], after: dict[int, dict], shifts: list[float],
-    first_novel: int, settings: dict[str, Any],
+    evaluations: dict[int, dict[int, dict]], shifts: list[float], first_novel: int,
+    settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """Per novel client: shift and test accuracy before/after; pooled accuracies."""
+    """Per novel client: shift and test accuracy before/after; pooled accuracies.
+
+    ``evaluations``: per evaluated round, each novel client's metrics. Besides
+    the first and last, the pooled test accuracy of every evaluated round and
+    its best (the MH-pFedHN authors evaluate every round of this phase).
+    """
+    before, after = evaluations[min(evaluations)], evaluations[max(evaluations)]
     clients = [
         {"partition_id": pid, "shift_tv": shifts[pid - first_novel],
          "test_acc_before": before[pid]["test_acc"], "test_acc_after": after[pid]["test_acc"],
@@ -48,8 +54,14 @@ def novel_summary(
     def pooled(key: str) -> float:
         return float(np.dot([c[key] for c in clients], n) / n.sum())
 
+    by_round = [{"round": r, "test_acc": sum(m["test_acc"] * m["test_n"] for m in per.values())
+                 / sum(m["test_n"] for m in per.values())}
+                for r, per in sorted(evaluations.items())]
+    best = max(by_round, key=lambda e: e["test_acc"])  # the first round wins ties
     return {**settings, "test_acc_before": pooled("test_acc_before"),
-            "test_acc_after": pooled("test_acc_after"), "clients": clients}
+            "test_acc_after": pooled("test_acc_after"), "best_test_acc": best["test_acc"],
+            "best_test_round": best["round"], "test_acc_by_round": by_round,
+            "clients": clients}
 
 
 def plot_novel(summary: dict[str, Any], path: Path) -> None:

@@ -212,13 +212,16 @@ class PFedHNStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
 
     def learn_embeddings_only(
-        self, partition_ids: Sequence[int], num_rounds: int, lr: float, momentum: float
+        self, partition_ids: Sequence[int], num_rounds: int, lr: float, momentum: float,
+        optimizer: str = "sgd", eval_every: int | None = None,
     ) -> None:
         """Novel clients: from now on train only their embeddings, the rest frozen.
 
         Samples and evaluates only ``partition_ids`` (at round 0 and
-        ``num_rounds``) and steps only the embeddings; other clients' get no
-        gradient and, without weight decay, do not move. MH-pFedHN: a novel
+        ``num_rounds``, and every ``eval_every`` rounds if given) and steps only
+        the embeddings, with SGD (``momentum``) or Adam (the MH-pFedHN
+        authors'); other clients' get no gradient and, without weight decay, do
+        not move. MH-pFedHN: a novel
         client whose size no training client has (an unseen architecture) also
         trains its head, never trained before; the trunk stays frozen. The global
         model (MH-pFedHNGD) is frozen too: no global phase.
@@ -230,10 +233,12 @@ class PFedHNStrategy(Strategy):
             trainable += [p for n in sorted(unseen) for p in self.hnet.head(n)]
         self.clients = list(partition_ids)
         self.clients_per_round = min(self.clients_per_round, len(self.clients))
-        self.eval_rounds = {0, num_rounds}
+        self.eval_rounds = {0, num_rounds} if eval_every is None \
+            else evaluation_rounds(num_rounds, eval_every)
         self.start_round = 0
         self.global_id = None
-        self.optimizer = torch.optim.SGD(trainable, lr=lr, momentum=momentum)
+        self.optimizer = torch.optim.Adam(trainable, lr=lr) if optimizer == "adam" \
+            else torch.optim.SGD(trainable, lr=lr, momentum=momentum)
 
     def memory_bytes(self) -> dict[str, int]:
         """What the server holds for the algorithm: the hypernetwork and its optimizer state."""

@@ -133,7 +133,9 @@ MH_PROTOCOL = ["num_rounds=500", "model.variant=2", "model.architectures=blocks"
                "client.epochs=1", "client.inner_wd=5e-4", "server.optimizer=adam",
                "server.lr=2e-4", "server.wd=0.0", "server.clients_per_round=50",
                "dataset.local_test_share=0.25", "client.partition=mh-authors", "eval_every=1",
-               "server.sequential=true"]
+               "server.sequential=true",
+               # run_test.py's novel clients: Adam 2e-4, evaluated every round
+               "novel.optimizer=adam", "novel.lr=2e-4", "novel.eval_every=1"]
 
 
 @pytest.mark.parametrize("preset,long_form", [
@@ -173,3 +175,14 @@ def test_a_server_without_the_images_builds_its_hypernetwork_from_the_config(
         expected = sum(p.numel() for p in global_model.parameters())
         hnet = strategy.make_hnet([1000] * server_cfg.num_clients)
         assert list(hnet.shapes(server_cfg.num_clients)["theta"]) == [expected]
+
+
+def test_mh_preset_with_novel_clients_takes_the_authors_novel_phase():
+    cfg = compose_config(["algorithm=mh_pfedhn", "num_clients=80", "novel.num_clients=20",
+                          "model.architectures=mh-cnn"])
+    validate(cfg)  # the authors' split and its 75/25 cut, novel clients included
+    assert (cfg.novel.optimizer, cfg.novel.lr, cfg.novel.eval_every) == ("adam", 2e-4, 1)
+    assert cfg.server.clients_per_round == 80  # every novel client each round (at most 80)
+    with pytest.raises(ConfigError, match=r"novel\.dirichlet_alpha"):
+        validate(compose_config(["algorithm=mh_pfedhn", "num_clients=80",
+                                 "novel.num_clients=20", "novel.dirichlet_alpha=0.5"]))

@@ -9,7 +9,7 @@ import torch
 from pFedHN.dataset import SplitSettings, client_indices
 from pFedHN.main import prepare, run, run_novel, trained_strategy
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
-from pFedHN.novel import distribution_shift
+from pFedHN.novel import distribution_shift, novel_summary
 from pFedHN.strategy import PFedHNStrategy
 from tests.conftest import TINY_OVERRIDES, compose_config
 
@@ -93,3 +93,48 @@ def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
         else:
             assert torch.equal(weights, as_trained[name]), name
     assert again["novel_clients"]["test_acc_before"] == novel["test_acc_before"]
+
+
+def test_novel_phase_with_adam_steps_only_the_novel_embedding_as_plain_torch_adam_does():
+    """The MH-pFedHN authors' run_test.py: Adam on the novel embeddings, evaluated every round."""
+    torch.manual_seed(0)
+    hnet = CNNHyper(6, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
+    strategy = PFedHNStrategy(hnet, num_clients=6, num_rounds=10, training_clients=4,
+                              clip_norm=50.0)
+    reference = copy.deepcopy(hnet)
+    strategy.learn_embeddings_only([4, 5], num_rounds=3, lr=2e-4, momentum=0.9,
+                                   optimizer="adam", eval_every=1)
+    assert isinstance(strategy.optimizer, torch.optim.Adam)
+    assert strategy.eval_rounds == {0, 1, 2, 3}
+    adam = torch.optim.Adam([reference.embeddings.weight], lr=2e-4)
+    rng = np.random.default_rng(1)
+    for i in (5, 4, 5):
+        delta = [rng.standard_normal(t.shape).astype(np.float32)
+                 for t in strategy.hnet(i).values()]
+        strategy.update([i], [delta])
+        # By hand: grad of <theta_i(v), delta> w.r.t. the embedding table, clipped, Adam.
+        objective = sum((t * torch.from_numpy(d)).sum()
+                        for t, d in zip(reference(i).values(), delta, strict=True))
+        (grad,) = torch.autograd.grad(objective, [reference.embeddings.weight])
+        norm = float(grad.norm())
+        reference.embeddings.weight.grad = grad * min(1.0, 50.0 / (norm + 1e-6))
+        adam.step()
+        adam.zero_grad()
+    assert torch.allclose(strategy.hnet.embeddings.weight, reference.embeddings.weight,
+                          atol=1e-7, rtol=0)
+    for name, weights in strategy.hnet.state_dict().items():
+        if name != "embeddings.weight":
+            assert torch.equal(weights, reference.state_dict()[name]), name
+
+
+def test_novel_summary_reports_every_evaluated_round_and_the_best():
+    def per_client(acc4, acc5):
+        return {4: {"test_acc": acc4, "test_n": 30}, 5: {"test_acc": acc5, "test_n": 10}}
+
+    evaluations = {0: per_client(0.1, 0.5), 1: per_client(0.6, 0.2), 2: per_client(0.5, 0.3)}
+    summary = novel_summary(evaluations, [0.8, 0.7], 4, {"rounds": 2})
+    assert [e["round"] for e in summary["test_acc_by_round"]] == [0, 1, 2]
+    assert summary["test_acc_by_round"][1]["test_acc"] == pytest.approx((18 + 2) / 40)
+    assert summary["test_acc_before"] == pytest.approx((3 + 5) / 40)
+    assert summary["test_acc_after"] == pytest.approx((15 + 3) / 40)
+    assert (summary["best_test_round"], summary["best_test_acc"]) == (1, pytest.approx(0.5))
