@@ -366,3 +366,26 @@ def test_sequential_round_equals_single_client_steps_in_order_by_plain_torch():
             adam.zero_grad(set_to_none=True)
     for ours, ref in zip(strategy.hnet.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_a_client_visit_steps_only_its_own_head_however_many_other_heads_exist():
+    """The server's work per visit (gradients, clipping, Adam's state and step) covers the
+    trunk, the client's embedding and its head only: the same with 1 or 4 heads."""
+    def touched_by_one_visit(sizes):
+        torch.manual_seed(0)
+        hnet = MHHyper(sizes, chunk_size=256, embedding_dim=8, hidden_dim=16)
+        strategy = PFedHNStrategy(hnet, num_clients=len(sizes), num_rounds=5,
+                                  optimizer="adam", lr=2e-4, weight_decay=0.0)
+        before = copy.deepcopy(hnet.state_dict())
+        strategy.update([0], [[np.ones(sizes[0], np.float32)]])
+        names = {id(p): n for n, p in hnet.named_parameters()}
+        stepped = sorted(names[id(p)] for p in strategy.optimizer.state)
+        changed = sorted(n for n, t in hnet.state_dict().items() if not torch.equal(t, before[n]))
+        return stepped, changed, sum(p.numel() for p in strategy.optimizer.state)
+
+    alone = touched_by_one_visit([1000])
+    crowded = touched_by_one_visit([1000, 3000, 6000, 9000])
+    assert alone == crowded
+    assert {n.split(".")[0] for n in alone[0]} == {"embeddings", "trunk", "head_weights",
+                                                   "head_biases"}
+    assert all(n.endswith(".4") for n in alone[0] if n.startswith("head"))  # 1000/256 -> 4
