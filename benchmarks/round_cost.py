@@ -21,7 +21,9 @@ GPU mode: add ``device=cuda`` (``device=auto`` picks it where there is one).
 simulation extra (Ray). ``--profile`` first prints where a plain round's time
 goes (torch's profiler: the inner step by operation, the hypernetwork's
 generate, VJP and optimizer step). ``--json FILE`` also writes the figures,
-the settings and the machine, for docs/performance.md.
+the settings and the machine; ``--render FILE ... --into docs/performance.md``
+rewrites the table between that page's markers from such files (nothing else
+is run).
 """
 
 from __future__ import annotations
@@ -176,6 +178,32 @@ def machine() -> dict[str, object]:
             "python": platform.python_version()}
 
 
+START, END = "<!-- round_cost:start -->", "<!-- round_cost:end -->"
+
+
+def render(json_files: list[Path], page: Path) -> None:
+    """Rewrite the table between ``page``'s markers from ``--json`` files, one row each."""
+    rows = ["| run | machine | plain round | Flower round | Flower / plain | evaluation "
+            "round | full protocol, estimated |", "|---|---|---|---|---|---|---|"]
+    def cell(figures: dict, key: str, fmt: str) -> str:
+        return format(figures[key], fmt) if key in figures else "not run"
+
+    for path in json_files:
+        r = json.loads(path.read_text())
+        m, s = r["machine"], r["settings"]
+        rows.append(
+            f"| `{path.name}` ({s['num_clients']} clients, {s['rounds']} rounds, poll "
+            f"{s['poll_interval']}) | {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+            f"flwr {m['flwr']} | {cell(r, 'plain_round_s', '.3f')} s | "
+            f"{cell(r, 'flower_round_s', '.3f')} s | {cell(r, 'flower_over_plain', '.2f')} | "
+            f"{cell(r, 'evaluation_round_s', '.2f')} s | "
+            f"{cell(r, 'full_protocol_estimate_s', '.0f')} s |")
+    text = page.read_text()
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    page.write_text(f"{head}{START}\n" + "\n".join(rows) + f"\n{END}{tail}")
+
+
 def main() -> None:
     """Run both parts and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -185,8 +213,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="first print torch's profile of 20 plain rounds")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="only rewrite --into's table from these --json files")
+    parser.add_argument("--into", type=Path, default=Path("docs/performance.md"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.render:
+        render(args.render, args.into)
+        return
     cfg = compose_config(args.overrides)
     with open_dict(cfg):
         cfg.num_rounds = args.rounds
