@@ -30,7 +30,7 @@ from pFedHN.zoo import assign_architectures, make_client_model
 
 VARIANTS = {0: "pFedHN", 1: "pFedHN-PC", 2: "MH-pFedHN", 3: "MH-pFedHNGD"}
 OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("classes", "authors", "mh-authors", "dirichlet")
+PARTITIONS = ("classes", "authors", "mh-authors", "mh-dirichlet", "dirichlet")
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -161,7 +161,7 @@ def _validate_partition(cfg: DictConfig, by_alphabet: bool) -> None:
         _fail("client.partition" if partition != "classes" else "dataset.local_test_share",
               partition if partition != "classes" else share,
               f"dataset.data={cfg.dataset.data} is split by alphabet; use the defaults")
-    if partition == "mh-authors" and share is None:
+    if partition in ("mh-authors", "mh-dirichlet") and share is None:
         _fail("client.partition", partition, "the MH-pFedHN authors' split cuts each client's "
               "data into train and test: set dataset.local_test_share (theirs: 0.25)")
     if partition == "authors" and share is not None:

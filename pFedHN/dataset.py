@@ -414,6 +414,10 @@ def client_indices(
     if partition == "mh-authors":
         return mh_authors_indices(train_labels, test_labels, num_classes, num_clients,
                                   classes_per_client, local_test_share, seed)
+    if partition == "mh-dirichlet":
+        return mh_dirichlet_indices(train_labels, test_labels, num_classes, num_clients,
+                                    split.dirichlet_alpha, split.min_samples, local_test_share,
+                                    seed)
     rng = np.random.default_rng(seed)
     pooled = local_test_share is not None
     source = np.concatenate([train_labels, test_labels]) if pooled else train_labels
@@ -545,6 +549,56 @@ def mh_authors_indices(
     own = np.random.default_rng([seed, 2])  # not theirs: their streams stay untouched
     split["val"] = [np.asarray(mine, dtype=np.int64) + len(train_labels)
                     for mine in deal(test_labels, own.permutation)]
+    return split
+
+
+def mh_dirichlet_indices(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    num_clients: int,
+    alpha: float,
+    least: int,
+    test_share: float,
+    seed: int,
+) -> dict[str, list[np.ndarray]]:
+    """The MH-pFedHN authors' Dirichlet split, drawn as their code draws it, plus validation.
+
+    On the training set alone: per class, client shares ~ Dir(alpha) (numpy's
+    legacy generator); each class's samples, in index order, are cut at the
+    cumulated shares; the whole draw is repeated until the smallest client holds
+    more than ``least`` samples (their ``least_nums``). Each client's samples are
+    then cut by torch's ``random_split`` into ``int(share x n)`` test samples
+    and the rest for training. Validation, as for ``mh_authors_indices``: the
+    official test set, dealt with the same shares (this package's own stream).
+    Indices run over the training set, then the test set.
+    """
+    legacy = np.random.RandomState(seed)
+    by_class = [np.flatnonzero(train_labels == c) for c in range(num_classes)]
+
+    def deal(pools: list[np.ndarray], shares: np.ndarray) -> list[np.ndarray]:
+        per_client: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for pool, fractions in zip(pools, shares, strict=True):
+            cuts = (np.cumsum(fractions)[:-1] * len(pool)).astype(int)
+            for i, part in enumerate(np.split(pool, cuts)):
+                per_client[i].append(part)
+        return [np.concatenate(parts) for parts in per_client]
+
+    smallest = 0
+    while smallest <= least:  # theirs: redraw while least_nums >= the smallest client
+        shares = legacy.dirichlet([alpha] * num_clients, num_classes)
+        clients = deal(by_class, shares)
+        smallest = min(len(mine) for mine in clients)
+    generator = torch.Generator().manual_seed(seed)
+    split: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for mine in clients:
+        order = torch.randperm(len(mine), generator=generator).numpy()
+        n_train = len(mine) - int(len(mine) * test_share)
+        split["train"].append(mine[order[:n_train]])
+        split["test"].append(mine[order[n_train:]])
+    own = np.random.default_rng([seed, 2])  # not theirs: their streams stay untouched
+    test_pools = [own.permutation(np.flatnonzero(test_labels == c)) for c in range(num_classes)]
+    split["val"] = [mine + len(train_labels) for mine in deal(test_pools, shares)]
     return split
 
 

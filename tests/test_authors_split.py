@@ -186,7 +186,53 @@ def test_mh_authors_split_deals_every_training_sample_and_cuts_each_client_75_25
     assert sum(map(len, split["val"])) == len(TEST)
 
 
-def test_mh_authors_split_needs_a_test_share():
-    cfg = compose_config([*TINY_OVERRIDES, "client.partition=mh-authors"])
+@pytest.mark.parametrize("partition", ["mh-authors", "mh-dirichlet"])
+def test_mh_authors_split_needs_a_test_share(partition):
+    cfg = compose_config([*TINY_OVERRIDES, f"client.partition={partition}"])
     with pytest.raises(ConfigError, match="local_test_share"):
         validate(cfg)
+
+
+def reference_mh_dirichlet_split(labels, num_classes, clients, alpha, least, seed):
+    """The MH-pFedHN authors' Dirichlet split, transcribed with global generators."""
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    smallest = 0.0
+    while least >= smallest:
+        label_distribution = np.random.dirichlet([alpha] * clients, num_classes)
+        class_members = [np.argwhere(labels == y).flatten() for y in range(num_classes)]
+        per_client = [[] for _ in range(clients)]
+        for members, fractions in zip(class_members, label_distribution, strict=True):
+            cuts = (np.cumsum(fractions)[:-1] * len(members)).astype(int)
+            for i, part in enumerate(np.split(members, cuts)):
+                per_client[i] += [part]
+        per_client = [np.concatenate(parts) for parts in per_client]
+        smallest = min(len(p) for p in per_client)
+    train, test = [], []
+    for mine in per_client:
+        n_test = int(len(mine) * 0.25)
+        cut = torch.utils.data.random_split(mine, [len(mine) - n_test, n_test])
+        train.append(sorted(int(mine[j]) for j in cut[0].indices))
+        test.append(sorted(int(mine[j]) for j in cut[1].indices))
+    return train, test
+
+
+@pytest.mark.parametrize("classes,clients,alpha,least,seed", [
+    (10, 50, 0.1, 30, 42), (10, 20, 0.5, 100, 3), (20, 30, 0.3, 40, 7)])
+def test_mh_dirichlet_split_matches_the_reference(classes, clients, alpha, least, seed):
+    rng = np.random.default_rng(1)
+    train, test = rng.integers(0, classes, 8000), rng.integers(0, classes, 2000)
+    ours = client_indices(train, test, classes, SplitSettings(
+        clients, 2, 1000, seed, partition="mh-dirichlet", dirichlet_alpha=alpha,
+        min_samples=least, local_test_share=0.25))
+    reference = reference_mh_dirichlet_split(train, classes, clients, alpha, least, seed)
+    assert [sorted(i.tolist()) for i in ours["train"]] == reference[0]
+    assert [sorted(i.tolist()) for i in ours["test"]] == reference[1]
+    sizes = [len(a) + len(b) for a, b in zip(ours["train"], ours["test"], strict=True)]
+    assert min(sizes) > least
+    used = np.concatenate(ours["train"] + ours["test"])
+    assert sorted(used.tolist()) == list(range(len(train)))  # every sample, once
+    assert all(len(b) == int(0.25 * n) for b, n in zip(ours["test"], sizes, strict=True))
+    val = np.concatenate(ours["val"])
+    assert sorted(val.tolist()) == list(range(len(train), len(train) + len(test)))
