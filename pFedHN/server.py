@@ -45,22 +45,14 @@ class PFedHNServer(Server):
         return history
 
     def fit_round(self, server_round: int, timeout: float | None):  # noqa: ANN201 (Flower's)
-        """One training round, recorded once.
+        """One training round: the strategy's exchanges in turn, recorded once.
 
-        The round's clients are sampled; MH-pFedHNGD first trains its global
-        model on all of them (one exchange); then the personal training: one
-        exchange, or one per client in turn (``PFedHNStrategy.begin_round``).
+        What the exchanges are (the phases of MH-pFedHNGD, one per client when
+        sequential) is laid out in ``PFedHNStrategy.begin_round``.
         """
         strategy = self.strategy
-        exchanges = strategy.begin_round()
-        if strategy.global_id is not None:
-            strategy.phase, strategy.exchange = "global", strategy.round_clients
-            try:
-                super().fit_round(server_round, timeout)
-            finally:
-                strategy.phase = "personal"
-        for clients in exchanges:
-            strategy.exchange = clients
+        for exchange in strategy.begin_round():
+            strategy.exchange = exchange
             result = super().fit_round(server_round, timeout)
         strategy.end_round(server_round)
         return result

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,18 @@ from pFedHN.models import CNNHyper, MHHyper
 log = logging.getLogger(__name__)
 
 NO_PARAMETERS = Parameters(tensors=[], tensor_type="numpy.ndarray")
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One Flower exchange of a round: these partitions train, in this phase.
+
+    ``phase``: "personal" (each client its own theta) or "global"
+    (MH-pFedHNGD: every client the global model's theta).
+    """
+
+    phase: str
+    partitions: tuple[int, ...]
 
 
 class FederationTooSmallError(RuntimeError):
@@ -141,7 +154,6 @@ class PFedHNStrategy(Strategy):
         self.make_hnet = make_hnet
         self.client_sizes: dict[int, int] = {}  # parameter counts the clients reported
         self.global_id = num_clients if global_model else None  # the virtual client
-        self.phase = "personal"  # or "global": MH-pFedHNGD's first exchange of a round
         self.num_clients = num_clients  # Flower nodes, one per partition
         self.node_timeout = node_timeout  # seconds the first round waits for them
         # The partitions sampled for training and evaluated; the rest are novel clients.
@@ -165,7 +177,7 @@ class PFedHNStrategy(Strategy):
         self._server_time = 0.0  # hypernetwork time spent in configure_fit
         self._bytes_sent = 0  # serialised arrays sent to this round's clients
         self.round_clients: list[int] = []  # the partitions sampled for this round
-        self.exchange: list[int] = []  # the partitions of the Flower exchange under way
+        self.exchange = Exchange("personal", ())  # the Flower exchange under way
         self._round_log: dict[str, Any] = _empty_round_log()  # recorded by end_round
         self._teacher: list[np.ndarray] = []  # MH-pFedHNGD: this round's pre-step global model
         self._evaluation_start = 0.0
@@ -313,22 +325,28 @@ class PFedHNStrategy(Strategy):
         return NO_PARAMETERS
 
     # --- a round: its clients, and the Flower exchanges that train them ------------
-    def begin_round(self) -> list[list[int]]:
-        """Sample the round's clients; return the partitions of each personal exchange.
+    def begin_round(self) -> list[Exchange]:
+        """Sample the round's clients; return the round's Flower exchanges, in order.
 
-        pFedHN (averaged): one exchange with all of them, then one outer step on
-        their mean VJP. Sequential (the MH-pFedHN authors' order): one exchange
-        per client, in the sampled (random) order, each followed by an outer step
-        on that client's delta alone, so each client's theta comes from the
-        hypernetwork as the client before it left it. MH-pFedHNGD's global phase
-        (see ``PFedHNServer``) trains all of ``round_clients`` at once first.
+        1. MH-pFedHNGD only, the global phase: all the round's clients train the
+           global model's theta with cross-entropy; one outer step on the
+           sample-weighted mean of their deltas. The theta they got is kept as
+           the round's teacher (the authors' order: generated before the step).
+        2. The personal phase. Averaged (pFedHN): one exchange with all of them,
+           then one outer step on their mean VJP. Sequential (the MH-pFedHN
+           authors' order): one exchange per client, in the sampled (random)
+           order, each followed by an outer step on that client's delta alone,
+           so each client's theta comes from the hypernetwork as the client
+           before it left it. MH-pFedHNGD's clients distil from the teacher.
         """
         chosen = self.rng.choice(len(self.clients), self.clients_per_round, replace=False)
         self.round_clients = [self.clients[int(i)] for i in chosen]
         self._round_log = _empty_round_log()
-        if self.sequential:
-            return [[i] for i in self.round_clients]
-        return [self.round_clients]
+        exchanges = [Exchange("global", tuple(self.round_clients))] \
+            if self.global_id is not None else []
+        personal = [(i,) for i in self.round_clients] if self.sequential \
+            else [tuple(self.round_clients)]
+        return exchanges + [Exchange("personal", clients) for clients in personal]
 
     def end_round(self, server_round: int) -> None:
         """Report the round once, all its exchanges together (Flower's count)."""
@@ -350,20 +368,21 @@ class PFedHNStrategy(Strategy):
         server_round += self.start_round
         start = time.perf_counter()
         config: dict[str, Scalar] = {"server-round": server_round}
-        if self.phase == "global":
+        if self.exchange.phase == "global":
             # As the authors do: the round's teacher is the global model generated
             # once, before this phase steps it.
             self._teacher = self.generate(self.global_id)
             theta_global = ndarrays_to_parameters(self._teacher)
             config["phase"] = "global"
-            instructions = [(self.node_of[i], FitIns(theta_global, config)) for i in self.exchange]
+            instructions = [(self.node_of[i], FitIns(theta_global, config))
+                            for i in self.exchange.partitions]
         else:
             teacher = [] if self.global_id is None else self._teacher
             config["distill"] = bool(teacher)
             instructions = [
                 (self.node_of[i],
                  FitIns(ndarrays_to_parameters(self.generate(i) + teacher), config))
-                for i in self.exchange
+                for i in self.exchange.partitions
             ]
         self._server_time = time.perf_counter() - start
         self._bytes_sent = sum(payload_bytes(ins.parameters) for _, ins in instructions)
@@ -384,7 +403,7 @@ class PFedHNStrategy(Strategy):
         """
         server_round += self.start_round
         start = time.perf_counter()
-        in_global_phase = self.phase == "global"
+        in_global_phase = self.exchange.phase == "global"
         accepted: dict[int, tuple[list[np.ndarray], int]] = {}
         rejected: list[dict[str, Any]] = []
         for proxy, res in results:
@@ -399,7 +418,7 @@ class PFedHNStrategy(Strategy):
         answered = set(accepted) | {r["partition_id"] for r in rejected}
         reasons = "; ".join(_describe(f) for f in failures) or "no reply"
         rejected += [{"partition_id": i, "reason": reasons}
-                     for i in self.exchange if i not in answered]
+                     for i in self.exchange.partitions if i not in answered]
         for r in rejected:
             log.warning("round %d: client %d left out%s: %s", server_round, r["partition_id"],
                         " of the global phase" if in_global_phase else "", r["reason"])
