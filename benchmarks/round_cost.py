@@ -146,8 +146,8 @@ def plain_rounds(cfg, rounds: int,
         times["server"].append((t1 - t0) + (t3 - t2))
     for _ in range(2 if evaluate else 0):  # the first warms up (e.g. cuDNN's kernel choice)
         t0 = clock(device)
-        for i in range(cfg.num_clients):
-            client(i).evaluate(strategy.generate(i), {})
+        for i, theta in enumerate(strategy.generate_many(list(range(cfg.num_clients)))):
+            client(i).evaluate(theta, {})
         times["evaluation"].append(clock(device) - t0)
     weights = torch.cat([p.detach().flatten() for p in strategy.hnet.parameters()]).cpu()
     return times, weights

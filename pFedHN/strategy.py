@@ -200,6 +200,14 @@ class PFedHNStrategy(Strategy):
         with torch.no_grad():
             return [t.cpu().numpy() for t in self.hnet(partition_id).values()]
 
+    def generate_many(self, partition_ids: list[int]) -> list[list[np.ndarray]]:
+        """``generate`` for several clients; batched where the hypernetwork can."""
+        if not hasattr(self.hnet, "forward_many"):
+            return [self.generate(i) for i in partition_ids]
+        with torch.no_grad():
+            return [[t.cpu().numpy() for t in theta.values()]
+                    for theta in self.hnet.forward_many(list(partition_ids))]
+
     def update(
         self, partition_ids: Sequence[int], delta_thetas: Sequence[list[np.ndarray]]
     ) -> None:
@@ -460,9 +468,10 @@ class PFedHNStrategy(Strategy):
             return []
         self._discover_partitions(client_manager, server_round)
         self._evaluation_start = time.perf_counter()
+        thetas = self.generate_many(self.clients)
         instructions = [
-            (self.node_of[i], EvaluateIns(ndarrays_to_parameters(self.generate(i)), {}))
-            for i in self.clients
+            (self.node_of[i], EvaluateIns(ndarrays_to_parameters(theta), {}))
+            for i, theta in zip(self.clients, thetas, strict=True)
         ]
         self._bytes_sent = sum(payload_bytes(ins.parameters) for _, ins in instructions)
         return instructions

@@ -72,3 +72,18 @@ def test_different_clients_get_different_weights():
     hnet = CNNHyper(5, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
     a, b = hnet(0), hnet(1)
     assert not torch.equal(a["conv1.weight"], b["conv1.weight"])
+
+
+def test_batched_generation_equals_one_client_at_a_time_up_to_float_rounding():
+    torch.manual_seed(0)
+    hnet = CNNHyper(50, parameter_shapes(CNNTarget(3, 16, 10, 32)))
+    ids = [7, 0, 49, 7, 13]
+    with torch.no_grad():
+        batched = hnet.forward_many(ids)
+        for i, theta in zip(ids, batched, strict=True):
+            alone = hnet(i)
+            assert list(theta) == list(alone)
+            for name in alone:
+                assert theta[name].shape == alone[name].shape
+                # a different BLAS blocking, nothing else: float32 rounding
+                torch.testing.assert_close(theta[name], alone[name], rtol=1e-5, atol=1e-6)
