@@ -21,10 +21,9 @@ from torch import nn
 from pFedHN.config import (
     client_architectures,
     data_spec,
-    has_global_model,
-    is_multi_head,
     split_settings,
     target_kwargs,
+    variant_of,
 )
 from pFedHN.dataset import ClientData, cached_partition, federated_data
 from pFedHN.device import configure_torch, resolve_device
@@ -431,7 +430,7 @@ def client_builder(
     deterministic = bool(cfg.get("deterministic", False))
     # Once here, not per round: for an image folder both read the class folders.
     spec, model_kwargs = data_spec(cfg), target_kwargs(cfg)
-    multi_head = is_multi_head(cfg)
+    variant = variant_of(cfg)
     distillation = Distillation(cfg.client.distill_alpha, cfg.client.distill_temperature)
 
     def zoo_model(name: str) -> nn.Module:
@@ -454,15 +453,15 @@ def client_builder(
             state_mirror_dir / str(partition_id) if state_mirror_dir else None,
             cfg.checkpoint_every,
         )
-        if multi_head:
+        if variant.multi_head:
             names = client_architectures(cfg)
             model = zoo_model(str(context.node_config.get("architecture", names[partition_id])))
         else:
             model = make_target(**model_kwargs)
         return PFedHNClient(
             partition_id, data, model, loop, cfg.seed, cfg.model.out_dim,
-            store, device, flat=multi_head,
-            global_model=zoo_model(cfg.model.global_model) if has_global_model(cfg) else None,
+            store, device, flat=variant.multi_head,
+            global_model=zoo_model(cfg.model.global_model) if variant.global_model else None,
             distillation=distillation,
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ def validate(cfg: DictConfig, on_disk: bool = True) -> None:
             f"model.variant={cfg.model.variant}: pFedHN-PC is "
             "model.variant=1 model.local=True; the others have model.local=False"
         )
-    if is_multi_head(cfg):
+    if variant_of(cfg).multi_head:
         _validate_architectures(cfg, spec)
     if cfg.server.optimizer not in OPTIMIZERS:
         _fail("server.optimizer", cfg.server.optimizer, f"choose one of {OPTIMIZERS}")
@@ -180,7 +180,7 @@ def _validate_architectures(cfg: DictConfig, spec: DatasetSpec) -> None:
     except ValueError as error:
         _fail("model.architectures", OmegaConf.select(cfg, "model.architectures"), str(error))
     keys = {name: "model.architectures" for name in names}
-    if has_global_model(cfg):
+    if variant_of(cfg).global_model:
         keys[cfg.model.global_model] = "model.global_model"
     for name, key in keys.items():
         try:
@@ -302,14 +302,26 @@ def _check_alphabet_split(cfg: DictConfig, labels, split: dict) -> None:
               f"use at least {most}")
 
 
-def is_multi_head(cfg: DictConfig) -> bool:
-    """MH-pFedHN or MH-pFedHNGD: clients of the zoo, one flat theta each."""
-    return cfg.model.variant in (2, 3)
+@dataclass(frozen=True)
+class Variant:
+    """Which algorithm a config runs, worked out in one place (``variant_of``)."""
+
+    name: str  # pFedHN, pFedHN-PC, MH-pFedHN or MH-pFedHNGD
+    personal_head: bool  # pFedHN-PC: a private classifier head on each client
+    multi_head: bool  # MH-pFedHN(GD): clients of the zoo, one flat theta each
+    global_model: bool  # MH-pFedHNGD: the hypernetwork also generates a small global model
+
+    @property
+    def keeps_client_state(self) -> bool:
+        """Clients keep something between rounds: PC heads, MH batch-norm statistics."""
+        return self.personal_head or self.multi_head
 
 
-def has_global_model(cfg: DictConfig) -> bool:
-    """MH-pFedHNGD: the hypernetwork also generates a small global model."""
-    return cfg.model.variant == 3
+def variant_of(cfg: DictConfig) -> Variant:
+    """The algorithm ``model.variant`` names (validated: ``model.local`` agrees)."""
+    v = cfg.model.variant
+    return Variant(VARIANTS[v], personal_head=v == 1, multi_head=v in (2, 3),
+                   global_model=v == 3)
 
 
 def client_architectures(cfg: DictConfig) -> list[str]:
@@ -371,5 +383,5 @@ def target_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "n_kernels": cfg.model.n_kernels,
         "out_dim": cfg.model.out_dim,
         "input_size": data_spec(cfg, on_disk=False).image_size,
-        "local": bool(cfg.model.local),
+        "local": variant_of(cfg).personal_head,
     }

@@ -24,15 +24,14 @@ from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import STATE_DIR, discard_state_after, make_client_app
 from pFedHN.config import (
-    VARIANTS,
     ConfigError,
     check_split,
     client_resources,
     describe_split,
-    is_multi_head,
     num_partitions,
     split_with_labels,
     validate,
+    variant_of,
 )
 from pFedHN.dataset import DataNotFoundError, describe_summary, ensure_available
 from pFedHN.device import configure_torch, resolve_device
@@ -109,7 +108,7 @@ def start_experiment(cfg: DictConfig, run_dir: str | Path,
     resumed = checkpoint.load(run_dir, cfg) if cfg.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    title = f"{VARIANTS[cfg.model.variant]} on {cfg.dataset.data}, {cfg.num_clients} clients"
+    title = f"{variant_of(cfg).name} on {cfg.dataset.data}, {cfg.num_clients} clients"
     recorder = RunRecorder(run_dir, cfg.num_rounds, title, split,
                            cfg.server.clients_per_round / cfg.num_clients)
     if split is not None:
@@ -218,7 +217,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     experiment = start_experiment(cfg, run_dir, describe_split(cfg))
     # Simulation only: what clients keep (pFedHN-PC heads, MH-pFedHN batch-norm
     # statistics) is mirrored beside the checkpoint (see LocalStore).
-    keeps_state = cfg.model.local or is_multi_head(cfg)
+    keeps_state = variant_of(cfg).keeps_client_state
     state_dir = experiment.run_dir / STATE_DIR \
         if keeps_state and cfg.simulation.mirror_client_state else None
     simulate(cfg, lambda context: experiment.components(), state_dir)

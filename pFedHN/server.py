@@ -11,7 +11,7 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
 from omegaconf import DictConfig
 
-from pFedHN.config import data_spec, has_global_model, is_multi_head, num_partitions, target_kwargs
+from pFedHN.config import data_spec, num_partitions, target_kwargs, variant_of
 from pFedHN.device import resolve_device
 from pFedHN.models import CNNHyper, MHHyper, make_target, parameter_shapes
 from pFedHN.strategy import PFedHNStrategy
@@ -61,7 +61,7 @@ class PFedHNServer(Server):
 def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
     """CNNHyper for this config, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    if is_multi_head(cfg):
+    if variant_of(cfg).multi_head:
         raise ValueError("MH-pFedHN's hypernetwork needs the clients' sizes: "
                          "build_multihead_hypernetwork")
     target_shapes = parameter_shapes(make_target(**target_kwargs(cfg)))
@@ -84,23 +84,23 @@ def build_multihead_hypernetwork(cfg: DictConfig, client_sizes: list[int]) -> MH
     The server never sees ``model.architectures``: only these counts.
     """
     torch.manual_seed(cfg.seed)
-    sizes = client_sizes + ([global_model_size(cfg)] if has_global_model(cfg) else [])
+    sizes = client_sizes + ([global_model_size(cfg)] if variant_of(cfg).global_model else [])
     return MHHyper(sizes, chunk_size=cfg.model.chunk_size, embedding_dim=cfg.model.embed_dim
                    or 64, hidden_dim=cfg.model.hidden_dim, n_hidden=cfg.model.n_hidden)
 
 
 def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
     """The strategy with the config's server settings."""
-    multi_head = is_multi_head(cfg)
+    variant = variant_of(cfg)
     return PFedHNStrategy(
-        None if multi_head else build_hypernetwork(cfg),
+        None if variant.multi_head else build_hypernetwork(cfg),
         num_clients=num_partitions(cfg), num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every, clients_per_round=cfg.server.clients_per_round,
         lr=cfg.server.lr, momentum=cfg.server.momentum, weight_decay=cfg.server.wd,
         clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=resolve_device(cfg.device),
         training_clients=cfg.num_clients, optimizer=cfg.server.optimizer,
-        make_hnet=partial(build_multihead_hypernetwork, cfg) if multi_head else None,
-        global_model=has_global_model(cfg), sequential=cfg.server.sequential,
+        make_hnet=partial(build_multihead_hypernetwork, cfg) if variant.multi_head else None,
+        global_model=variant.global_model, sequential=cfg.server.sequential,
         node_timeout=cfg.server.node_timeout, **callbacks,
     )
 

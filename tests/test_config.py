@@ -6,7 +6,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pFedHN.config import ConfigError, target_kwargs, validate
+from pFedHN.config import ConfigError, target_kwargs, validate, variant_of
 from pFedHN.dataset import DataNotFoundError
 from pFedHN.main import prepare
 from pFedHN.models import make_target, parameter_shapes
@@ -186,3 +186,16 @@ def test_mh_preset_with_novel_clients_takes_the_authors_novel_phase():
     with pytest.raises(ConfigError, match=r"novel\.dirichlet_alpha"):
         validate(compose_config(["algorithm=mh_pfedhn", "num_clients=80",
                                  "novel.num_clients=20", "novel.dirichlet_alpha=0.5"]))
+
+
+@pytest.mark.parametrize("algorithm,name,flags", [
+    ("pfedhn", "pFedHN", (False, False, False)),
+    ("pfedhn_pc", "pFedHN-PC", (True, False, False)),
+    ("mh_pfedhn", "MH-pFedHN", (False, True, False)),
+    ("mh_pfedhngd", "MH-pFedHNGD", (False, True, True)),
+])
+def test_each_algorithm_preset_is_one_variant(algorithm, name, flags):
+    variant = variant_of(compose_config([f"algorithm={algorithm}"]))
+    assert variant.name == name
+    assert (variant.personal_head, variant.multi_head, variant.global_model) == flags
+    assert variant.keeps_client_state == any(flags)
