@@ -20,7 +20,8 @@ MAY_CHANGE = (
     "num_rounds", "eval_every", "checkpoint_every", "resume", "device", "deterministic",
     "dataset.root", "dataset.download", "server.round_timeout", "server.node_timeout",
     "simulation",
-    "novel.rounds", "novel.lr", "novel.optimizer", "novel.eval_every", "novel.from_run",
+    "novel.rounds", "novel.lr", "novel.optimizer", "novel.eval_every", "novel.dirichlet_alpha",
+    "novel.from_run",
 )
 
 

@@ -94,6 +94,9 @@ def test_checkpoint_of_another_experiment_is_refused_naming_the_setting(saved_ru
     "num_rounds=48", "eval_every=4", "checkpoint_every=4", "dataset.root=/elsewhere",
     "dataset.download=true", "device=cpu", "simulation.num_cpus_per_client=1",
     "server.round_timeout=60", "novel.rounds=7", "novel.lr=0.5",
+    # the novel phase's settings: one trained run serves every novel setting
+    "novel.optimizer=adam", "novel.eval_every=5", "novel.dirichlet_alpha=0.1",
+    "server.node_timeout=30", "simulation.poll_interval=null",
 ])
 def test_checkpoint_identity_leaves_out_run_length_places_and_hardware(saved_run, override):
     run_dir, _ = saved_run
