@@ -19,6 +19,7 @@ FILENAME = "checkpoint.pt"
 MAY_CHANGE = (
     "num_rounds", "eval_every", "checkpoint_every", "resume", "device", "deterministic",
     "dataset.root", "dataset.download", "server.round_timeout", "server.node_timeout",
+    "server.fused_adam",
     "simulation",
     "novel.rounds", "novel.lr", "novel.optimizer", "novel.eval_every", "novel.dirichlet_alpha",
     "novel.from_run",

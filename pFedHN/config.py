@@ -138,6 +138,9 @@ def validate(cfg: DictConfig, on_disk: bool = True) -> None:
     if cfg.server.round_timeout is not None:
         _positive(cfg, "server.round_timeout")
     _positive(cfg, "server.node_timeout")
+    if not isinstance(cfg.server.fused_adam, bool):
+        _fail("server.fused_adam", cfg.server.fused_adam, "true (torch's fused Adam kernel) "
+              "or false (its default kernel)")
     if cfg.simulation.poll_interval is not None:
         _positive(cfg, "simulation.poll_interval")
     _validate_partition(cfg, by_alphabet)

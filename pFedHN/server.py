@@ -101,7 +101,7 @@ def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
         training_clients=cfg.num_clients, optimizer=cfg.server.optimizer,
         make_hnet=partial(build_multihead_hypernetwork, cfg) if variant.multi_head else None,
         global_model=variant.global_model, sequential=cfg.server.sequential,
-        node_timeout=cfg.server.node_timeout, **callbacks,
+        node_timeout=cfg.server.node_timeout, fused_adam=cfg.server.fused_adam, **callbacks,
     )
 
 

@@ -94,6 +94,7 @@ def test_defaults_are_the_authors_cifar10_setting():
     ("client.batch_size=0", "client.batch_size"),
     ("eval_every=1000", "eval_every"),
     ("server.node_timeout=0", "server.node_timeout"),
+    ("server.fused_adam=maybe", "server.fused_adam"),
     ("simulation.poll_interval=-0.1", "simulation.poll_interval"),
 ])
 def test_bad_values_name_the_key(override, key):
@@ -133,7 +134,7 @@ MH_PROTOCOL = ["num_rounds=500", "model.variant=2", "model.architectures=blocks"
                "client.epochs=1", "client.inner_wd=5e-4", "server.optimizer=adam",
                "server.lr=2e-4", "server.wd=0.0", "server.clients_per_round=50",
                "dataset.local_test_share=0.25", "client.partition=mh-authors", "eval_every=1",
-               "server.sequential=true",
+               "server.sequential=true", "server.fused_adam=true",
                # run_test.py's novel clients: Adam 2e-4, evaluated every round
                "novel.optimizer=adam", "novel.lr=2e-4", "novel.eval_every=1"]
 

@@ -7,7 +7,7 @@ import torch
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
+from pFedHN.models import CNNHyper, CNNTarget, MHHyper, parameter_shapes
 from pFedHN.strategy import (
     NO_PARAMETERS,
     FederationTooSmallError,
@@ -129,3 +129,43 @@ def test_too_few_nodes_stop_the_run_naming_the_nodes_and_num_clients():
     message = str(error.value)
     assert "needs 4 Flower nodes" in message and "has 2" in message
     assert "num_clients" in message and 'num-supernodes=4' in message
+
+
+def _within_a_rounding(ours: torch.Tensor, default: torch.Tensor, lr: float) -> bool:
+    eps = torch.finfo(torch.float32).eps
+    return bool(((ours - default).abs() <= 2 * eps * (ours.abs() + lr)).all())
+
+
+def test_fused_adam_steps_like_the_default_kernel_within_a_float_rounding():
+    """server.fused_adam: torch's fused Adam kernel. From the same state and delta it
+    takes the default kernel's step up to a float32 rounding; a resume may switch."""
+    rng = np.random.default_rng(3)
+    optimizer, lr = "adam", 2e-4
+
+    def delta_for(strategy, i):
+        return [[(0.01 * rng.standard_normal(t.shape)).astype(np.float32)
+                 for t in strategy.hnet(i).values()]]
+
+    torch.manual_seed(0)
+    hnet = MHHyper([1000, 3000], chunk_size=256)
+    strategies = {fused: PFedHNStrategy(copy.deepcopy(hnet), num_clients=2, num_rounds=10,
+                                        optimizer=optimizer, lr=lr, momentum=MOMENTUM,
+                                        weight_decay=WD, fused_adam=fused)
+                  for fused in (True, False)}
+    fused, default = strategies[True], strategies[False]
+    for i in (0, 1, 0):  # the optimizer's state builds up under the fused kernel ...
+        fused.update([i], delta_for(fused, i))
+    # ... then both continue from that state, as a resume under the other kernel would.
+    default.load_state_dict(copy.deepcopy(fused.state_dict(server_round=3)))  # as if read
+    assert default.optimizer.param_groups[0]["fused"] is None
+    assert fused.optimizer.param_groups[0]["fused"] is True
+    before = copy.deepcopy(fused.hnet.state_dict())
+    delta = delta_for(fused, 1)
+    for strategy in (fused, default):
+        strategy.update([1], delta)
+    moved = 0
+    for (name, ours), theirs in zip(fused.hnet.state_dict().items(),
+                                    default.hnet.state_dict().values(), strict=True):
+        moved += not torch.equal(ours, before[name])
+        assert _within_a_rounding(ours, theirs, lr), name
+    assert moved >= 4  # trunk, embedding and head stepped: the comparison means something
