@@ -33,13 +33,13 @@ def child(overrides: list[str], partition: int, cache_dir: str) -> None:
 
     import pFedHN.deployment  # noqa: F401 (what the ClientApp process imports)
     from pFedHN.client import client_builder
-    from pFedHN.config import compose_config
+    from pFedHN.config import compose_config, load_settings
 
     imported = time.perf_counter()
-    cfg = compose_config(overrides)
+    settings = load_settings(compose_config(overrides))
     context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                       node_config={"partition-id": partition, "data-cache-dir": cache_dir})
-    client = client_builder(cfg, data_cache=bool(cache_dir))(context)
+    client = client_builder(settings, data_cache=bool(cache_dir))(context)
     built = time.perf_counter()
     theta = [p.detach().cpu().numpy() for p in client.model.parameters()]
     client.fit(theta, {"server-round": 1})

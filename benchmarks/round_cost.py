@@ -44,12 +44,13 @@ from flwr.app import RecordDict
 from omegaconf import open_dict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
-from pFedHN.config import compose_config, data_spec, split_settings, target_kwargs
+from pFedHN.config import compose_config, data_spec, target_kwargs
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
 from pFedHN.models import make_target
 from pFedHN.server import build_hypernetwork, build_strategy
+from pFedHN.settings import Settings
 
 
 def tree_memory_bytes(root_pid: int, descendants: bool = True) -> int:
@@ -109,7 +110,7 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def plain_rounds(cfg, rounds: int,
+def plain_rounds(settings: Settings, rounds: int,
                  evaluate: bool = True) -> tuple[dict[str, list[float]], torch.Tensor]:
     """The same step without Flower: generate, client fit, VJP update.
 
@@ -117,23 +118,23 @@ def plain_rounds(cfg, rounds: int,
     times and the final hypernetwork weights: two calls do the same computation,
     so comparing their weights shows whether a run repeats bit for bit.
     """
-    threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
-    configure_torch(cfg.deterministic, threads)
-    device = torch.device(cfg.device)
-    strategy = build_strategy(cfg)
-    clients = federated_data(data_spec(cfg), cfg.dataset.root, split_settings(cfg),
-                             device=cfg.device)
-    loop = InnerLoop.from_config(cfg)
+    threads = settings.simulation.num_threads or settings.simulation.num_cpus_per_client
+    configure_torch(settings.deterministic, threads)
+    device = torch.device(settings.device)
+    strategy = build_strategy(settings)
+    clients = federated_data(data_spec(settings), settings.dataset.root, settings.split,
+                             device=settings.device)
+    loop = InnerLoop.from_settings(settings)
     states = [RecordDict() for _ in clients]
 
     def client(i: int) -> PFedHNClient:
-        return PFedHNClient(i, clients[i], make_target(**target_kwargs(cfg)), loop, cfg.seed,
-                            cfg.model.out_dim, LocalStore(states[i]), device)
+        return PFedHNClient(i, clients[i], make_target(**target_kwargs(settings)), loop,
+                            settings.seed, settings.model.out_dim, LocalStore(states[i]), device)
 
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(settings.seed)
     times: dict[str, list[float]] = {"round": [], "client": [], "server": [], "evaluation": []}
     for server_round in range(1, rounds + 1):
-        i = int(rng.integers(cfg.num_clients))
+        i = int(rng.integers(settings.num_clients))
         t0 = clock(device)
         theta = strategy.generate(i)
         t1 = clock(device)
@@ -146,22 +147,22 @@ def plain_rounds(cfg, rounds: int,
         times["server"].append((t1 - t0) + (t3 - t2))
     for _ in range(2 if evaluate else 0):  # the first warms up (e.g. cuDNN's kernel choice)
         t0 = clock(device)
-        for i, theta in enumerate(strategy.generate_many(list(range(cfg.num_clients)))):
+        for i, theta in enumerate(strategy.generate_many(list(range(settings.num_clients)))):
             client(i).evaluate(theta, {})
         times["evaluation"].append(clock(device) - t0)
     weights = torch.cat([p.detach().flatten() for p in strategy.hnet.parameters()]).cpu()
     return times, weights
 
 
-def profile_plain_rounds(cfg, rounds: int, top: int = 25) -> None:
+def profile_plain_rounds(settings: Settings, rounds: int, top: int = 25) -> None:
     """Print torch's profile of ``rounds`` plain rounds: self time per operation."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + \
-        ([ProfilerActivity.CUDA] if torch.device(cfg.device).type == "cuda" else [])
-    plain_rounds(cfg, 1, evaluate=False)  # the data's decoding stays out of the profile
+        ([ProfilerActivity.CUDA] if torch.device(settings.device).type == "cuda" else [])
+    plain_rounds(settings, 1, evaluate=False)  # the data's decoding stays out of the profile
     with profile(activities=activities) as prof, record_function("plain rounds"):
-        plain_rounds(cfg, rounds, evaluate=False)
+        plain_rounds(settings, rounds, evaluate=False)
     sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=top))
 
@@ -222,12 +223,12 @@ def main() -> None:
     if args.render:
         render(args.render, args.into)
         return
-    cfg = compose_config(args.overrides)
-    with open_dict(cfg):
-        cfg.num_rounds = args.rounds
-        cfg.eval_every = max(args.rounds // 3, 1)
-    cfg = prepare(cfg)
-    device = torch.device(cfg.device)
+    composed = compose_config(args.overrides)
+    with open_dict(composed):
+        composed.num_rounds = args.rounds
+        composed.eval_every = max(args.rounds // 3, 1)
+    settings = prepare(composed)
+    device = torch.device(settings.device)
     n_evals = len(range(0, 5000, 30)) + 1
     skip = min(5, args.rounds // 10)  # warm-up rounds
 
@@ -236,43 +237,44 @@ def main() -> None:
 
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" \
         else f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    hnet_size = sum(p.numel() for p in build_hypernetwork(cfg).parameters())
-    print(f"setting: {cfg.dataset.data} ({cfg.dataset.root}), {cfg.num_clients} clients, "
-          f"{args.rounds} rounds, device {cfg.device} ({hardware}), torch {torch.__version__}; "
+    hnet_size = sum(p.numel() for p in build_hypernetwork(settings).parameters())
+    print(f"setting: {settings.dataset.data} ({settings.dataset.root}), "
+          f"{settings.num_clients} clients, {args.rounds} rounds, device {settings.device} "
+          f"({hardware}), torch {torch.__version__}; "
           f"hypernetwork {hnet_size / 1e6:.2f} M parameters ({4 * hnet_size / 2**20:.0f} MiB)")
 
     if args.profile:
-        profile_plain_rounds(cfg, 20)
+        profile_plain_rounds(settings, 20)
     # Plain rounds before and after the Flower run, so that a drift in the
     # machine's speed shows up instead of biasing the ratio.
-    before, weights_before = plain_rounds(cfg, args.rounds // 2)
+    before, weights_before = plain_rounds(settings, args.rounds // 2)
     results, memory = None, PeakMemory()
     if not args.plain_only:
         federated_data.cache_clear()  # measure the Flower run's memory alone
         memory.start()
         with tempfile.TemporaryDirectory() as run_dir:
-            run(cfg, run_dir)
+            run(composed, run_dir)
             results = json.loads((Path(run_dir) / "results.json").read_text())
         memory.stopped.set()
         memory.join()
-    after, weights_after = plain_rounds(cfg, args.rounds // 2)
+    after, weights_after = plain_rounds(settings, args.rounds // 2)
 
     plain = {k: before[k][skip:] + after[k][skip:] for k in ("round", "client", "server")}
     plain_round = statistics.median(plain["round"])
     plain_client = statistics.median(plain["client"])
     plain_eval = statistics.median(before["evaluation"][1:] + after["evaluation"][1:])
     print(f"plain PyTorch round, median:  {plain_round:.3f} s "
-          f"(client {plain_client:.3f} s = {1000 * plain_client / cfg.client.inner_steps:.1f} "
+          f"(client {plain_client:.3f} s = {1000 * plain_client / settings.client.inner_steps:.1f} "
           f"ms per inner step, server {statistics.median(plain['server']):.3f} s; "
           f"before/after {statistics.median(before['round'][skip:]):.3f}"
           f"/{statistics.median(after['round'][skip:]):.3f} s)")
-    print(f"plain evaluation round ({cfg.num_clients} clients): {plain_eval:.2f} s")
+    print(f"plain evaluation round ({settings.num_clients} clients): {plain_eval:.2f} s")
     print(f"plain full protocol estimate (5000 rounds, {n_evals} evaluations): "
           f"{minutes(plain_round, plain_eval)}")
     print(f"plain runs before/after repeat bit for bit: "
           f"{torch.equal(weights_before, weights_after)} (max |difference| of the "
           f"hypernetwork's weights {(weights_before - weights_after).abs().max():.3g}, "
-          f"deterministic={cfg.deterministic})")
+          f"deterministic={settings.deterministic})")
     if device.type == "cuda":
         print(f"peak GPU memory (plain part): {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
               " MiB allocated by torch")
@@ -284,8 +286,8 @@ def main() -> None:
         "plain_repeats_bit_for_bit": bool(torch.equal(weights_before, weights_after)),
     }
     settings = {"overrides": args.overrides, "rounds": args.rounds,
-                "num_clients": cfg.num_clients, "device": cfg.device,
-                "poll_interval": cfg.simulation.poll_interval,
+                "num_clients": settings.num_clients, "device": settings.device,
+                "poll_interval": settings.simulation.poll_interval,
                 "hypernetwork_parameters": hnet_size, "warm_up_rounds_skipped": skip}
 
     def write_json() -> None:
@@ -304,7 +306,7 @@ def main() -> None:
           f"(client {flower['median_client_s']:.3f} s, server {flower['median_server_s']:.3f} s, "
           f"rest {rest:.3f} s)")
     print(f"ratio Flower / plain:         {flower['median_round_s'] / plain_round:.2f}")
-    print(f"evaluation round ({cfg.num_clients} clients), median: {eval_median:.2f} s")
+    print(f"evaluation round ({settings.num_clients} clients), median: {eval_median:.2f} s")
     print(f"peak memory of the Flower run (process tree, PSS): {memory.peak / 2**30:.2f} GiB; "
           f"server process alone: {memory.peak_server / 2**30:.2f} GiB")
     print(f"full protocol estimate (5000 rounds, {n_evals} evaluations): "

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from pFedHN.files import write_atomic
+from pFedHN.settings import Settings, flatten
 
 log = logging.getLogger(__name__)
 FILENAME = "checkpoint.pt"
@@ -30,30 +30,20 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or from another experiment."""
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat |= _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) \
-            else {f"{prefix}{key}": value}
-    return flat
-
-
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """Every setting of ``cfg`` that defines the experiment, as ``{"a.b": value}``."""
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+def identity(settings: Settings) -> dict[str, Any]:
+    """Every setting that defines the experiment, as ``{"a.b": value}``."""
+    flat = flatten(settings.as_dict())
     return {key: value for key, value in flat.items()
             if not any(key == k or key.startswith(f"{k}.") for k in MAY_CHANGE)}
 
 
-def save(run_dir: Path, cfg: DictConfig, server_round: int, **states: dict) -> Path:
+def save(run_dir: Path, settings: Settings, server_round: int, **states: dict) -> Path:
     """Write ``run_dir/checkpoint.pt`` (atomically)."""
-    payload = {"round": server_round, "identity": identity(cfg), **states}
+    payload = {"round": server_round, "identity": identity(settings), **states}
     return write_atomic(Path(run_dir) / FILENAME, lambda tmp: torch.save(payload, tmp))
 
 
-def load(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+def load(run_dir: Path, settings: Settings) -> dict[str, Any]:
     """Read and check a checkpoint completely before anything uses it."""
     path = Path(run_dir) / FILENAME
     if not path.exists():
@@ -65,7 +55,7 @@ def load(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - any unreadable file is refused alike
         raise CheckpointError(f"resume={run_dir}: {path} is corrupt or incomplete ({error})") \
             from None
-    ours = identity(cfg)
+    ours = identity(settings)
     differing = [f"{k}: checkpoint {saved[k]!r}, config {v!r}"
                  for k, v in ours.items() if k in saved and saved[k] != v]
     if differing:
@@ -78,9 +68,9 @@ def load(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     if unrecorded:  # made by an older version, which recorded fewer settings
         log.warning("resume=%s: the checkpoint does not record %s; they are taken to be "
                     "as in the config", run_dir, ", ".join(unrecorded))
-    if server_round > cfg.num_rounds:
+    if server_round > settings.num_rounds:
         raise CheckpointError(
             f"resume={run_dir}: the checkpoint is at round {server_round}, "
-            f"past num_rounds={cfg.num_rounds}"
+            f"past num_rounds={settings.num_rounds}"
         )
     return payload

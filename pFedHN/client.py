@@ -15,20 +15,18 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pFedHN.config import (
     client_architectures,
     data_spec,
-    split_settings,
     target_kwargs,
-    variant_of,
 )
 from pFedHN.dataset import ClientData, cached_partition, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.files import write_atomic
 from pFedHN.models import LocalLayer, make_target
+from pFedHN.settings import Settings
 from pFedHN.zoo import make_client_model
 
 
@@ -45,13 +43,13 @@ class InnerLoop:
     epochs: int | None = None  # set: passes over the local data instead of ``steps`` (MH-pFedHN)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> InnerLoop:
+    def from_settings(cls, settings: Settings) -> InnerLoop:
         """The ``client.*`` settings of a run config."""
         return cls(
-            steps=cfg.client.inner_steps, batch_size=cfg.client.batch_size,
-            lr=cfg.client.inner_lr, momentum=cfg.client.inner_momentum,
-            weight_decay=cfg.client.inner_wd, clip_norm=cfg.client.clip_norm,
-            epochs=cfg.client.epochs,
+            steps=settings.client.inner_steps, batch_size=settings.client.batch_size,
+            lr=settings.client.inner_lr, momentum=settings.client.inner_momentum,
+            weight_decay=settings.client.inner_wd, clip_norm=settings.client.clip_norm,
+            epochs=settings.client.epochs,
         )
 
     def batches(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
@@ -402,21 +400,21 @@ class PFedHNClient(NumPyClient):
         return metrics["val-loss-sum"] / max(metrics["val-n"], 1), metrics["val-n"], metrics
 
 
-def make_client_app(cfg: DictConfig, state_mirror_dir: Path | None = None) -> ClientApp:
+def make_client_app(settings: Settings, state_mirror_dir: Path | None = None) -> ClientApp:
     """A ClientApp whose clients read their partition from the node config.
 
     ``state_mirror_dir``: simulation only, see ``LocalStore``.
     """
-    build_client = client_builder(cfg, state_mirror_dir)
+    build_client = client_builder(settings, state_mirror_dir)
     return ClientApp(client_fn=lambda context: build_client(context).to_client())
 
 
 def client_builder(
-    cfg: DictConfig, state_mirror_dir: Path | None = None, data_cache: bool = False
+    settings: Settings, state_mirror_dir: Path | None = None, data_cache: bool = False
 ) -> Callable[[Context], PFedHNClient]:
     """The function that builds a node's client from its Context, every round.
 
-    Only the (small) config travels in the closure: each worker process loads
+    Only the (small) settings travel in the closure: each worker process loads
     and splits the data once and keeps it (``federated_data`` is cached).
     ``data_cache``: a SuperNode, whose every message is a new process, reads its
     partition from a file on its disk after the first message (``cached_partition``
@@ -424,44 +422,44 @@ def client_builder(
     MH-pFedHN: a node's architecture is ``model.architectures``' entry for its
     partition, or its node config's ``architecture`` on a real device.
     """
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    loop = InnerLoop.from_config(cfg)
-    threads = cfg.simulation.num_threads or cfg.simulation.num_cpus_per_client
-    deterministic = bool(cfg.get("deterministic", False))
+    loop = InnerLoop.from_settings(settings)
+    threads = settings.simulation.num_threads or settings.simulation.num_cpus_per_client
+    deterministic = settings.deterministic
     # Once here, not per round: for an image folder both read the class folders.
-    spec, model_kwargs = data_spec(cfg), target_kwargs(cfg)
-    variant = variant_of(cfg)
-    distillation = Distillation(cfg.client.distill_alpha, cfg.client.distill_temperature)
+    spec, model_kwargs = data_spec(settings), target_kwargs(settings)
+    variant = settings.variant
+    distillation = Distillation(settings.client.distill_alpha,
+                                settings.client.distill_temperature)
 
     def zoo_model(name: str) -> nn.Module:
-        return make_client_model(name, cfg.model.in_channels, cfg.model.out_dim,
+        return make_client_model(name, settings.model.in_channels, settings.model.out_dim,
                                  spec.image_size)
 
     def build_client(context: Context) -> PFedHNClient:
         configure_torch(deterministic, threads)
-        device = resolve_device(cfg.get("device", "auto"))  # in the process that trains
+        device = resolve_device(settings.device)  # in the process that trains
         partition_id = int(context.node_config["partition-id"])
         if data_cache:
             cache_dir = context.node_config.get("data-cache-dir") or DATA_CACHE_DIR
-            data = cached_partition(str(cache_dir), spec, cfg.dataset.root, partition_id,
-                                    split_settings(cfg)).to(device)
+            data = cached_partition(str(cache_dir), spec, settings.dataset.root, partition_id,
+                                    settings.split).to(device)
         else:
-            data = federated_data(spec, cfg.dataset.root, split_settings(cfg),
+            data = federated_data(spec, settings.dataset.root, settings.split,
                                   device=str(device))[partition_id]
         store = LocalStore(
             context.state,
             state_mirror_dir / str(partition_id) if state_mirror_dir else None,
-            cfg.checkpoint_every,
+            settings.checkpoint_every,
         )
         if variant.multi_head:
-            names = client_architectures(cfg)
+            names = client_architectures(settings)
             model = zoo_model(str(context.node_config.get("architecture", names[partition_id])))
         else:
             model = make_target(**model_kwargs)
         return PFedHNClient(
-            partition_id, data, model, loop, cfg.seed, cfg.model.out_dim,
+            partition_id, data, model, loop, settings.seed, settings.model.out_dim,
             store, device, flat=variant.multi_head,
-            global_model=zoo_model(cfg.model.global_model) if variant.global_model else None,
+            global_model=zoo_model(settings.model.global_model) if variant.global_model else None,
             distillation=distillation,
         )
 

@@ -28,7 +28,7 @@ from flwr.server import ServerApp, ServerAppComponents
 from omegaconf import DictConfig
 
 from pFedHN.client import client_builder
-from pFedHN.config import compose_config, validate
+from pFedHN.config import compose_config, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +44,19 @@ def _server_fn(context: Context) -> ServerAppComponents:
     # need not import the simulation engine and the results' plotting.
     from pFedHN.main import prepare, start_experiment
 
-    cfg = prepare(_config(str(context.run_config["overrides"])), check_data=False)
+    settings = prepare(_config(str(context.run_config["overrides"])), check_data=False)
     run_dir = str(context.run_config.get("run-dir", "")) or \
         f"outputs/deployment/{context.run_id}"
-    experiment = start_experiment(cfg, Path(run_dir).expanduser().resolve())
+    experiment = start_experiment(settings, Path(run_dir).expanduser().resolve())
     return experiment.components(on_finish=experiment.finish)
 
 
 @functools.lru_cache(maxsize=4)
 def _builder(overrides: str):
-    cfg = _config(overrides)
-    validate(cfg)  # a bad override fails on the node with the same message as in simulation
+    # A bad override fails on the node with the same message as in simulation.
+    settings = load_settings(_config(overrides))
     # Decided on this node: e.g. device=auto picks the node's own GPU, if any.
-    return client_builder(cfg, data_cache=True)
+    return client_builder(settings, data_cache=True)
 
 
 def _client_fn(context: Context):

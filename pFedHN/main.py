@@ -18,20 +18,17 @@ from flwr.app import Context
 from flwr.server import ServerApp, ServerAppComponents
 from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import STATE_DIR, discard_state_after, make_client_app
 from pFedHN.config import (
-    ConfigError,
     check_split,
     client_resources,
     describe_split,
-    num_partitions,
+    load_settings,
     split_with_labels,
-    validate,
-    variant_of,
 )
 from pFedHN.dataset import DataNotFoundError, describe_summary, ensure_available
 from pFedHN.device import configure_torch, resolve_device
@@ -39,47 +36,51 @@ from pFedHN.files import write_json_atomic
 from pFedHN.novel import distribution_shift, novel_summary, plot_novel
 from pFedHN.results import RunRecorder
 from pFedHN.server import build_strategy, server_components
+from pFedHN.settings import ConfigError, Settings
 from pFedHN.strategy import PFedHNStrategy
 
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: DictConfig, check_data: bool = True) -> DictConfig:
-    """Validate, fix relative paths and defaults, check the data: all before any work.
+def prepare(cfg: DictConfig, check_data: bool = True) -> Settings:
+    """The run's settings: validated, paths and defaults fixed, the data checked.
 
-    ``check_data=False``: a deployed server, whose machine holds no client data.
+    All before any work. ``check_data=False``: a deployed server, whose machine
+    holds no client data.
     """
-    validate(cfg, on_disk=check_data)
-    cfg = cfg.copy()
-    with open_dict(cfg):
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    settings = load_settings(cfg, on_disk=check_data)
+    resources = client_resources(settings)
+    settings = settings.replace(**{
         # Ray workers may run in another directory: give them an absolute root.
-        cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().resolve())
-        if cfg.resume:
-            cfg.resume = str(Path(cfg.resume).expanduser().resolve())
+        "dataset.root": absolute(settings.dataset.root),
+        "resume": absolute(settings.resume) if settings.resume else None,
         # Decided once, here: the server and every client use the same device.
-        cfg.device = str(resolve_device(cfg.device))
-        resources = client_resources(cfg)
-        cfg.simulation.num_cpus_per_client = resources["num_cpus"]
-        cfg.simulation.num_gpus_per_client = resources["num_gpus"]
+        "device": str(resolve_device(settings.device)),
+        "simulation.num_cpus_per_client": resources["num_cpus"],
+        "simulation.num_gpus_per_client": resources["num_gpus"],
+    })
     if check_data:
-        ensure_available(cfg.dataset.data, cfg.dataset.root, cfg.dataset.download)
-        check_split(cfg)
-    return cfg
+        ensure_available(settings.dataset.data, settings.dataset.root, settings.dataset.download)
+        check_split(settings)
+    return settings
 
 
 @dataclass
 class Experiment:
     """One run's server side: strategy, results and checkpoints, in ``run_dir``."""
 
-    cfg: DictConfig
+    settings: Settings
     run_dir: Path
     strategy: PFedHNStrategy
     recorder: RunRecorder
 
     def components(self, on_finish: Callable[[], object] | None = None) -> ServerAppComponents:
         """What the ServerApp runs, on either of Flower's engines."""
-        return server_components(self.strategy, self.cfg.num_rounds,
-                                 self.cfg.server.round_timeout, on_finish)
+        return server_components(self.strategy, self.settings.num_rounds,
+                                 self.settings.server.round_timeout, on_finish)
 
     def finish(self) -> dict:
         """Write the final results; log and return them."""
@@ -97,39 +98,39 @@ class Experiment:
         return results
 
 
-def start_experiment(cfg: DictConfig, run_dir: str | Path,
+def start_experiment(settings: Settings, run_dir: str | Path,
                      split: dict | None = None) -> Experiment:
-    """Build the server side of a prepared config; with ``cfg.resume``, continue that run.
+    """Build the server side of a prepared config; with ``settings.resume``, continue that run.
 
     ``split``: the data split's summary (``describe_split``), where the server can
     see the data; it goes into results.json and arms the collapse check.
     """
-    run_dir = Path(cfg.resume or run_dir)
-    resumed = checkpoint.load(run_dir, cfg) if cfg.resume else None
+    run_dir = Path(settings.resume or run_dir)
+    resumed = checkpoint.load(run_dir, settings) if settings.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    title = f"{variant_of(cfg).name} on {cfg.dataset.data}, {cfg.num_clients} clients"
-    recorder = RunRecorder(run_dir, cfg.num_rounds, title, split,
-                           cfg.server.clients_per_round / cfg.num_clients)
+    (run_dir / "config.yaml").write_text(settings.to_yaml())
+    title = f"{settings.variant.name} on {settings.dataset.data}, {settings.num_clients} clients"
+    recorder = RunRecorder(run_dir, settings.num_rounds, title, split,
+                           settings.server.clients_per_round / settings.num_clients)
     if split is not None:
         log.info("%s", describe_summary(split))
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
         recorder.on_fit(server_round, client_metrics, server_metrics)
-        if server_round % cfg.checkpoint_every == 0 or server_round == cfg.num_rounds:
-            checkpoint.save(run_dir, cfg, server_round,
+        if server_round % settings.checkpoint_every == 0 or server_round == settings.num_rounds:
+            checkpoint.save(run_dir, settings, server_round,
                             strategy=strategy.state_dict(server_round),
                             recorder=recorder.state_dict())
 
-    configure_torch(cfg.deterministic)  # the server's process; clients do their own
-    strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=recorder.on_evaluate)
+    configure_torch(settings.deterministic)  # the server's process; clients do their own
+    strategy = build_strategy(settings, on_fit=on_fit, on_evaluate=recorder.on_evaluate)
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
         recorder.load_state_dict(resumed["recorder"])
         discard_state_after(run_dir / STATE_DIR, resumed["round"])
         log.info("resuming %s from round %d", run_dir, resumed["round"])
-    log.info("%s: %d rounds, results in %s", title, cfg.num_rounds, run_dir)
-    return Experiment(cfg, run_dir, strategy, recorder)
+    log.info("%s: %d rounds, results in %s", title, settings.num_rounds, run_dir)
+    return Experiment(settings, run_dir, strategy, recorder)
 
 
 class _ShortWaits:
@@ -182,91 +183,91 @@ def flower_polling(interval: float | None) -> Iterator[None]:
         engine.InMemoryGrid, vce_api.add_messages_to_queue = grid_class, feed
 
 
-def simulate(cfg: DictConfig, server_fn: Callable[[Context], ServerAppComponents],
+def simulate(settings: Settings, server_fn: Callable[[Context], ServerAppComponents],
              state_dir: Path | None = None) -> None:
     """One pass of Flower's simulation engine: a node per partition."""
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-round chatter
-    with flower_polling(cfg.simulation.poll_interval):
-        _run_simulation(cfg, server_fn, state_dir)
+    with flower_polling(settings.simulation.poll_interval):
+        _run_simulation(settings, server_fn, state_dir)
 
 
-def _run_simulation(cfg: DictConfig, server_fn: Callable[[Context], ServerAppComponents],
+def _run_simulation(settings: Settings, server_fn: Callable[[Context], ServerAppComponents],
                     state_dir: Path | None) -> None:
     run_simulation(
         server_app=ServerApp(server_fn=server_fn),
-        client_app=make_client_app(cfg, state_dir),
-        num_supernodes=num_partitions(cfg),
+        client_app=make_client_app(settings, state_dir),
+        num_supernodes=settings.partitions,
         backend_config={
-            "client_resources": client_resources(cfg),
+            "client_resources": client_resources(settings),
             "init_args": {"include_dashboard": False}
-            | ({"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {}),
+            | ({"address": address} if (address := settings.simulation.ray_address) else {}),
         },
     )
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run one experiment on Flower's simulation engine; return results.json.
+    """Run the experiment a composed config describes on Flower's simulation engine.
 
-    With ``cfg.resume`` set, continue that run directory instead of ``run_dir``.
-    With novel clients, their embedding phase follows training (or, with
-    ``novel.from_run``, replaces it).
+    Returns results.json. With ``resume`` set, continue that run directory
+    instead of ``run_dir``. With novel clients, their embedding phase follows
+    training (or, with ``novel.from_run``, replaces it).
     """
-    cfg = prepare(cfg)
-    if cfg.novel.from_run:
-        return run_novel(cfg, trained_strategy(cfg), Path(run_dir), {})
-    experiment = start_experiment(cfg, run_dir, describe_split(cfg))
+    settings = prepare(cfg)
+    if settings.novel.from_run:
+        return run_novel(settings, trained_strategy(settings), Path(run_dir), {})
+    experiment = start_experiment(settings, run_dir, describe_split(settings))
     # Simulation only: what clients keep (pFedHN-PC heads, MH-pFedHN batch-norm
     # statistics) is mirrored beside the checkpoint (see LocalStore).
-    keeps_state = variant_of(cfg).keeps_client_state
+    keeps_state = settings.variant.keeps_client_state
     state_dir = experiment.run_dir / STATE_DIR \
-        if keeps_state and cfg.simulation.mirror_client_state else None
-    simulate(cfg, lambda context: experiment.components(), state_dir)
+        if keeps_state and settings.simulation.mirror_client_state else None
+    simulate(settings, lambda context: experiment.components(), state_dir)
     results = experiment.finish()
-    if cfg.novel.num_clients:
-        results = run_novel(cfg, experiment.strategy, experiment.run_dir, results)
+    if settings.novel.num_clients:
+        results = run_novel(settings, experiment.strategy, experiment.run_dir, results)
     return results
 
 
-def trained_strategy(cfg: DictConfig) -> PFedHNStrategy:
+def trained_strategy(settings: Settings) -> PFedHNStrategy:
     """The strategy as a finished run (``novel.from_run``) left it."""
-    saved = checkpoint.load(Path(cfg.novel.from_run), cfg)
-    if saved["round"] != cfg.num_rounds:
-        raise CheckpointError(f"novel.from_run={cfg.novel.from_run}: its checkpoint is at "
-                              f"round {saved['round']}, not at num_rounds={cfg.num_rounds}")
-    configure_torch(cfg.deterministic)
-    strategy = build_strategy(cfg)
+    saved = checkpoint.load(Path(settings.novel.from_run), settings)
+    if saved["round"] != settings.num_rounds:
+        raise CheckpointError(f"novel.from_run={settings.novel.from_run}: its checkpoint is at "
+                              f"round {saved['round']}, not at num_rounds={settings.num_rounds}")
+    configure_torch(settings.deterministic)
+    strategy = build_strategy(settings)
     strategy.load_state_dict(saved["strategy"])
     return strategy
 
 
-def run_novel(cfg: DictConfig, strategy: PFedHNStrategy, run_dir: Path, results: dict) -> dict:
+def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, results: dict) -> dict:
     """Learn the novel clients' embeddings, the hypernetwork frozen; report them.
 
     Adds the figures to ``results``; writes results.json and novel_clients.png
     into ``run_dir``.
     """
-    novel_ids = range(cfg.num_clients, num_partitions(cfg))
-    strategy.learn_embeddings_only(novel_ids, cfg.novel.rounds, cfg.novel.lr,
-                                   cfg.server.momentum, cfg.novel.optimizer,
-                                   cfg.novel.eval_every)
+    novel_ids = range(settings.num_clients, settings.partitions)
+    strategy.learn_embeddings_only(novel_ids, settings.novel.rounds, settings.novel.lr,
+                                   settings.server.momentum, settings.novel.optimizer,
+                                   settings.novel.eval_every)
     evaluations: dict[int, dict] = {}
     strategy.on_fit = None
     strategy.on_evaluate = lambda r, metrics, per_client: evaluations.__setitem__(r, per_client)
     log.info("novel clients %d-%d: %d rounds of embedding training",
-             novel_ids[0], novel_ids[-1], cfg.novel.rounds)
-    simulate(cfg, lambda context: server_components(strategy, cfg.novel.rounds))
+             novel_ids[0], novel_ids[-1], settings.novel.rounds)
+    simulate(settings, lambda context: server_components(strategy, settings.novel.rounds))
 
-    split, labels = split_with_labels(cfg)
+    split, labels = split_with_labels(settings)
     train_labels = labels["train"]
-    shifts = distribution_shift([train_labels[i] for i in split["train"]], cfg.num_clients,
+    shifts = distribution_shift([train_labels[i] for i in split["train"]], settings.num_clients,
                                 int(train_labels.max()) + 1)
-    settings = {"rounds": cfg.novel.rounds, "lr": cfg.novel.lr,
-                "optimizer": cfg.novel.optimizer, "dirichlet_alpha": cfg.novel.dirichlet_alpha,
-                "from_run": cfg.novel.from_run}
-    summary = novel_summary(evaluations, shifts, cfg.num_clients, settings)
+    novel = settings.novel
+    phase = {"rounds": novel.rounds, "lr": novel.lr, "optimizer": novel.optimizer,
+             "dirichlet_alpha": novel.dirichlet_alpha, "from_run": novel.from_run}
+    summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.novel.from_run:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if settings.novel.from_run:
+        (run_dir / "config.yaml").write_text(settings.to_yaml())
     results = results | {"novel_clients": summary}
     write_json_atomic(run_dir / "results.json", results)
     plot_novel(summary, run_dir / "novel_clients.png")

@@ -464,14 +464,19 @@ def add_split(summary_dir: Path, data_root: Path) -> None:
     """
     from omegaconf import OmegaConf
 
-    from pFedHN.config import compose_config, describe_split  # the data, only for this
+    from pFedHN.config import compose_config, describe_split, load_settings  # the data
+    from pFedHN.settings import flatten
 
     cfg = compose_config()
-    OmegaConf.set_struct(cfg, False)  # older summaries may hold since-renamed keys
-    cfg = OmegaConf.merge(cfg, OmegaConf.load(summary_dir / "config.yaml"))
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(summary_dir / "config.yaml")))
+    absent = object()
+    for key, value in saved.items():  # older summaries may hold since-renamed keys
+        if OmegaConf.select(cfg, key, default=absent) is not absent:
+            OmegaConf.update(cfg, key, value)
     cfg.dataset.root = str(data_root)
     results = json.loads((summary_dir / "results.json").read_text())
-    write_json_atomic(summary_dir / "results.json", results | {"split": describe_split(cfg)})
+    split = describe_split(load_settings(cfg))
+    write_json_atomic(summary_dir / "results.json", results | {"split": split})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,11 +9,11 @@ import torch
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
-from omegaconf import DictConfig
 
-from pFedHN.config import data_spec, num_partitions, target_kwargs, variant_of
+from pFedHN.config import data_spec, target_kwargs
 from pFedHN.device import resolve_device
 from pFedHN.models import CNNHyper, MHHyper, make_target, parameter_shapes
+from pFedHN.settings import Settings
 from pFedHN.strategy import PFedHNStrategy
 from pFedHN.zoo import make_client_model
 
@@ -58,50 +58,53 @@ class PFedHNServer(Server):
         return result
 
 
-def build_hypernetwork(cfg: DictConfig) -> CNNHyper:
-    """CNNHyper for this config, initialised from ``cfg.seed``."""
-    torch.manual_seed(cfg.seed)
-    if variant_of(cfg).multi_head:
+def build_hypernetwork(settings: Settings) -> CNNHyper:
+    """CNNHyper for these settings, initialised from ``settings.seed``."""
+    torch.manual_seed(settings.seed)
+    if settings.variant.multi_head:
         raise ValueError("MH-pFedHN's hypernetwork needs the clients' sizes: "
                          "build_multihead_hypernetwork")
-    target_shapes = parameter_shapes(make_target(**target_kwargs(cfg)))
+    target_shapes = parameter_shapes(make_target(**target_kwargs(settings)))
     return CNNHyper(
-        num_partitions(cfg), target_shapes, embedding_dim=cfg.model.embed_dim,
-        hidden_dim=cfg.model.hidden_dim, n_hidden=cfg.model.n_hidden,
+        settings.partitions, target_shapes, embedding_dim=settings.model.embed_dim,
+        hidden_dim=settings.model.hidden_dim, n_hidden=settings.model.n_hidden,
     )
 
 
-def global_model_size(cfg: DictConfig) -> int:
+def global_model_size(settings: Settings) -> int:
     """MH-pFedHNGD: parameters of the global model, whose architecture is public."""
-    model = make_client_model(cfg.model.global_model, cfg.model.in_channels,
-                              cfg.model.out_dim, data_spec(cfg, on_disk=False).image_size)
+    image_size = data_spec(settings, on_disk=False).image_size
+    model = make_client_model(settings.model.global_model, settings.model.in_channels,
+                              settings.model.out_dim, image_size)
     return sum(p.numel() for p in model.parameters())
 
 
-def build_multihead_hypernetwork(cfg: DictConfig, client_sizes: list[int]) -> MHHyper:
+def build_multihead_hypernetwork(settings: Settings, client_sizes: list[int]) -> MHHyper:
     """MHHyper for the parameter counts the clients reported (+ the global model's).
 
     The server never sees ``model.architectures``: only these counts.
     """
-    torch.manual_seed(cfg.seed)
-    sizes = client_sizes + ([global_model_size(cfg)] if variant_of(cfg).global_model else [])
-    return MHHyper(sizes, chunk_size=cfg.model.chunk_size, embedding_dim=cfg.model.embed_dim
-                   or 64, hidden_dim=cfg.model.hidden_dim, n_hidden=cfg.model.n_hidden)
+    torch.manual_seed(settings.seed)
+    model = settings.model
+    extra = [global_model_size(settings)] if settings.variant.global_model else []
+    return MHHyper(client_sizes + extra, chunk_size=model.chunk_size,
+                   embedding_dim=model.embed_dim or 64, hidden_dim=model.hidden_dim,
+                   n_hidden=model.n_hidden)
 
 
-def build_strategy(cfg: DictConfig, **callbacks) -> PFedHNStrategy:
-    """The strategy with the config's server settings."""
-    variant = variant_of(cfg)
+def build_strategy(settings: Settings, **callbacks) -> PFedHNStrategy:
+    """The strategy with the run's server settings."""
+    variant, server = settings.variant, settings.server
     return PFedHNStrategy(
-        None if variant.multi_head else build_hypernetwork(cfg),
-        num_clients=num_partitions(cfg), num_rounds=cfg.num_rounds,
-        eval_every=cfg.eval_every, clients_per_round=cfg.server.clients_per_round,
-        lr=cfg.server.lr, momentum=cfg.server.momentum, weight_decay=cfg.server.wd,
-        clip_norm=cfg.server.clip_norm, seed=cfg.seed, device=resolve_device(cfg.device),
-        training_clients=cfg.num_clients, optimizer=cfg.server.optimizer,
-        make_hnet=partial(build_multihead_hypernetwork, cfg) if variant.multi_head else None,
-        global_model=variant.global_model, sequential=cfg.server.sequential,
-        node_timeout=cfg.server.node_timeout, fused_adam=cfg.server.fused_adam, **callbacks,
+        None if variant.multi_head else build_hypernetwork(settings),
+        num_clients=settings.partitions, num_rounds=settings.num_rounds,
+        eval_every=settings.eval_every, clients_per_round=server.clients_per_round,
+        lr=server.lr, momentum=server.momentum, weight_decay=server.wd,
+        clip_norm=server.clip_norm, seed=settings.seed, device=resolve_device(settings.device),
+        training_clients=settings.num_clients, optimizer=server.optimizer,
+        make_hnet=partial(build_multihead_hypernetwork, settings) if variant.multi_head else None,
+        global_model=variant.global_model, sequential=server.sequential,
+        node_timeout=server.node_timeout, fused_adam=server.fused_adam, **callbacks,
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pFedHN.config import ConfigError, validate
+from pFedHN.config import ConfigError, load_settings
 from pFedHN.dataset import SplitSettings, client_indices
 from tests.conftest import TINY_OVERRIDES, compose_config
 
@@ -117,7 +117,7 @@ def test_authors_split_refuses_mh_protocol():
     cfg = compose_config([*TINY_OVERRIDES, "client.partition=authors",
                           "dataset.local_test_share=0.25"])
     with pytest.raises(ConfigError, match="client.partition"):
-        validate(cfg)
+        load_settings(cfg)
 
 
 def reference_mh_split(labels, num_classes, clients, per_client, seed):
@@ -190,7 +190,7 @@ def test_mh_authors_split_deals_every_training_sample_and_cuts_each_client_75_25
 def test_mh_authors_split_needs_a_test_share(partition):
     cfg = compose_config([*TINY_OVERRIDES, f"client.partition={partition}"])
     with pytest.raises(ConfigError, match="local_test_share"):
-        validate(cfg)
+        load_settings(cfg)
 
 
 def reference_mh_dirichlet_split(labels, num_classes, clients, alpha, least, seed):

@@ -1,17 +1,20 @@
 """The seed README's commands compose, and bad input fails fast and clearly."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from pFedHN.config import ConfigError, target_kwargs, validate, variant_of
+from pFedHN.config import ConfigError, load_settings, target_kwargs
 from pFedHN.dataset import DataNotFoundError
 from pFedHN.main import prepare
 from pFedHN.models import make_target, parameter_shapes
 from pFedHN.results import PAPER, preset_command
 from pFedHN.server import build_strategy
+from pFedHN.settings import Settings
 from pFedHN.zoo import make_client_model
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 
@@ -36,7 +39,7 @@ def test_seed_readme_commands_compose_and_validate(name):
     )
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)
-    validate(cfg)
+    load_settings(cfg)
     for override in overrides:
         key, value = override.split("=")
         assert OmegaConf.select(cfg, key) == OmegaConf.create(f"v: {value}").v
@@ -66,7 +69,7 @@ def test_every_paper_row_without_a_run_has_a_command_for_its_setting():
     for key in PAPER:
         overrides = preset_command(key).split()[3:]
         cfg = compose_config(overrides)
-        validate(cfg)
+        load_settings(cfg)
         assert (cfg.dataset.data, cfg.model.variant, cfg.num_clients) == key
 
 
@@ -100,7 +103,7 @@ def test_defaults_are_the_authors_cifar10_setting():
 def test_bad_values_name_the_key(override, key):
     cfg = compose_config(TINY_OVERRIDES + ["num_rounds=100", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(cfg)
+        load_settings(cfg)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -146,7 +149,7 @@ MH_PROTOCOL = ["num_rounds=500", "model.variant=2", "model.architectures=blocks"
 def test_mh_presets_set_the_papers_protocol(preset, long_form):
     """REFERENCE section 6: all clients, Adam 2e-4, one local pass, 500 rounds, 75/25."""
     cfg = compose_config(preset)
-    validate(cfg)
+    load_settings(cfg)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     assert resolved == compose_config(long_form)
 
@@ -181,11 +184,11 @@ def test_a_server_without_the_images_builds_its_hypernetwork_from_the_config(
 def test_mh_preset_with_novel_clients_takes_the_authors_novel_phase():
     cfg = compose_config(["algorithm=mh_pfedhn", "num_clients=80", "novel.num_clients=20",
                           "model.architectures=mh-cnn"])
-    validate(cfg)  # the authors' split and its 75/25 cut, novel clients included
+    load_settings(cfg)  # the authors' split and its 75/25 cut, novel clients included
     assert (cfg.novel.optimizer, cfg.novel.lr, cfg.novel.eval_every) == ("adam", 2e-4, 1)
     assert cfg.server.clients_per_round == 80  # every novel client each round (at most 80)
     with pytest.raises(ConfigError, match=r"novel\.dirichlet_alpha"):
-        validate(compose_config(["algorithm=mh_pfedhn", "num_clients=80",
+        load_settings(compose_config(["algorithm=mh_pfedhn", "num_clients=80",
                                  "novel.num_clients=20", "novel.dirichlet_alpha=0.5"]))
 
 
@@ -196,7 +199,35 @@ def test_mh_preset_with_novel_clients_takes_the_authors_novel_phase():
     ("mh_pfedhngd", "MH-pFedHNGD", (False, True, True)),
 ])
 def test_each_algorithm_preset_is_one_variant(algorithm, name, flags):
-    variant = variant_of(compose_config([f"algorithm={algorithm}"]))
+    variant = load_settings(compose_config([f"algorithm={algorithm}"])).variant
     assert variant.name == name
     assert (variant.personal_head, variant.multi_head, variant.global_model) == flags
     assert variant.keeps_client_state == any(flags)
+
+
+def test_settings_are_the_config_read_once_read_only_with_the_variant_derived():
+    cfg = compose_config(["algorithm=pfedhn_pc", "dataset.mean=[0.5,0.5,0.5]",
+                          "novel.num_clients=3"])
+    settings = load_settings(cfg, on_disk=False)
+    # Every key of the config, with its value (tuples for lists): nothing lost or added.
+    assert settings.as_dict() == OmegaConf.to_container(cfg, resolve=True)
+    assert settings.dataset.mean == (0.5, 0.5, 0.5)
+    assert settings.variant.name == "pFedHN-PC" and settings.variant.personal_head
+    assert settings.partitions == 53 and settings.split.novel == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.server.lr = 1.0
+    moved = settings.replace(**{"server.lr": 0.5, "dataset.root": "/elsewhere"})
+    assert (moved.server.lr, moved.dataset.root, settings.server.lr) == (0.5, "/elsewhere", 5e-2)
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda c: c.server.__setitem__("learning_rate", 0.1), "server.learning_rate"),
+    (lambda c: c.client.__delitem__("inner_lr"), "client.inner_lr"),
+])
+def test_settings_refuse_a_config_with_a_key_more_or_less(change, named):
+    """A preset with a misspelt or missing key fails at once, naming it."""
+    cfg = compose_config([])
+    OmegaConf.set_struct(cfg, False)
+    change(cfg)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        Settings.from_config(cfg)

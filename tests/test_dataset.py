@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pFedHN import dataset as dataset_module
-from pFedHN.config import ConfigError, data_spec, split_settings
+from pFedHN.config import ConfigError, data_spec, load_settings
 from pFedHN.dataset import (
     DATASETS,
     DataNotFoundError,
@@ -214,8 +214,8 @@ def test_local_test_share_splits_each_clients_pooled_data():
 
 
 def test_cached_partition_is_decoded_once_then_read_from_disk(tmp_path, monkeypatch):
-    cfg = compose_config(TINY_OVERRIDES)
-    spec, split = data_spec(cfg), split_settings(cfg)
+    cfg = load_settings(compose_config(TINY_OVERRIDES))
+    spec, split = data_spec(cfg), cfg.split
     fresh = federated_data(spec, cfg.dataset.root, split)[3]
     first = cached_partition(tmp_path, spec, cfg.dataset.root, 3, split)
     files = list(tmp_path.iterdir())
@@ -239,15 +239,15 @@ def test_a_supernode_message_with_a_cached_partition_imports_no_torchvision_nor_
     tmp_path,
 ):
     """flwr 1.42 starts a process per message: it should import only what it uses."""
-    cfg = compose_config(TINY_OVERRIDES)
-    cached_partition(tmp_path, data_spec(cfg), cfg.dataset.root, 2, split_settings(cfg))
+    cfg = load_settings(compose_config(TINY_OVERRIDES))
+    cached_partition(tmp_path, data_spec(cfg), cfg.dataset.root, 2, cfg.split)
     script = f"""
 import sys
 from flwr.app import Context, RecordDict
 import pFedHN.deployment
 from pFedHN.client import client_builder
-from pFedHN.config import compose_config
-cfg = compose_config({TINY_OVERRIDES!r})
+from pFedHN.config import compose_config, load_settings
+cfg = load_settings(compose_config({TINY_OVERRIDES!r}))
 context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={{}},
                   node_config={{"partition-id": 2, "data-cache-dir": {str(tmp_path)!r}}})
 client = client_builder(cfg, data_cache=True)(context)

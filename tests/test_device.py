@@ -8,11 +8,12 @@ import torch
 from flwr.app import RecordDict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
-from pFedHN.config import ConfigError, client_resources, validate
+from pFedHN.config import ConfigError, client_resources, load_settings
 from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.main import prepare
 from pFedHN.models import CNNTarget
+from pFedHN.settings import Settings
 from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -78,19 +79,21 @@ def test_bad_hardware_settings_name_the_key(monkeypatch, override, key, gpu):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: int(gpu))
     cfg = compose_config(TINY_OVERRIDES + [override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(cfg)
+        load_settings(cfg)
 
 
 def test_resource_defaults_follow_the_device(one_gpu):
-    assert client_resources(compose_config(["device=cpu"])) == \
+    assert client_resources(Settings.from_config(compose_config(["device=cpu"]))) == \
         {"num_cpus": os.cpu_count(), "num_gpus": 0.0}  # one client at a time, every core
-    assert client_resources(compose_config(["device=cuda"])) == \
+    assert client_resources(Settings.from_config(compose_config(["device=cuda"]))) == \
         {"num_cpus": 1, "num_gpus": 0.25}  # four clients share the GPU
-    assert client_resources(compose_config(["device=cpu", "simulation.ray_address=auto"])) == \
+    attached = ["device=cpu", "simulation.ray_address=auto"]
+    assert client_resources(Settings.from_config(compose_config(attached))) == \
         {"num_cpus": 1, "num_gpus": 0.0}  # cluster nodes may have fewer cores than this one
     explicit = ["device=cuda", "simulation.num_cpus_per_client=2",
                 "simulation.num_gpus_per_client=0.5"]
-    assert client_resources(compose_config(explicit)) == {"num_cpus": 2, "num_gpus": 0.5}
+    assert client_resources(Settings.from_config(compose_config(explicit))) == \
+        {"num_cpus": 2, "num_gpus": 0.5}
 
 
 def test_prepare_decides_the_device_once_for_server_and_clients(no_gpu):

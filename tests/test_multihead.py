@@ -9,7 +9,7 @@ from flwr.app import RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
-from pFedHN.config import ConfigError, validate
+from pFedHN.config import ConfigError, load_settings
 from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.main import run
 from pFedHN.models import MHHyper
@@ -238,16 +238,15 @@ def test_three_architectures_learn_in_a_flower_simulation(tmp_path):
 def test_bad_mh_settings_name_the_key(override, key):
     cfg = compose_config(TINY_OVERRIDES + ["algorithm=mh_pfedhngd", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(cfg)
+        load_settings(cfg)
 
 
 def test_an_input_the_zoo_cannot_take_is_refused_before_any_work(tmp_path):
-    from pFedHN.config import ConfigError, validate
     write_image_folder(tmp_path)  # 3 classes
     cfg = compose_config(["algorithm=mh_pfedhn", "dataset.data=folder", f"dataset.root={tmp_path}",
                           "dataset.image_size=64", "num_clients=3", "model.out_dim=3"])
     with pytest.raises(ConfigError, match=r"model\.architectures='mh-cnn'.*not 3 x 64 x 64"):
-        validate(cfg)
+        load_settings(cfg)
 
 
 def test_novel_clients_learn_their_embeddings_and_only_unseen_heads():

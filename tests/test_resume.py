@@ -13,6 +13,7 @@ import torch
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.server import build_strategy
+from pFedHN.settings import Settings
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 
 SMALL = TINY_OVERRIDES + ["num_clients=4", "num_rounds=24", "eval_every=8",
@@ -65,9 +66,13 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert [e["round"] for e in figures(broken)[0]] == [0, 8, 16, 24]
 
 
+def small_settings(*overrides: str) -> Settings:
+    return Settings.from_config(compose_config(SMALL + list(overrides)))
+
+
 @pytest.fixture
 def saved_run(tmp_path):
-    cfg = compose_config(SMALL)
+    cfg = small_settings()
     strategy = build_strategy(cfg)
     checkpoint.save(tmp_path, cfg, 10, strategy=strategy.state_dict(10),
                     recorder={"evaluations": [], "failed_rounds": [], "client_failures": [],
@@ -87,7 +92,7 @@ def test_checkpoint_of_another_experiment_is_refused_naming_the_setting(saved_ru
     run_dir, _ = saved_run
     key, value = override.split("=")
     with pytest.raises(CheckpointError, match=rf"{key}: checkpoint .*, config .*{value}"):
-        checkpoint.load(run_dir, compose_config(SMALL + [override]))
+        checkpoint.load(run_dir, small_settings(override))
 
 
 @pytest.mark.parametrize("override", [
@@ -100,7 +105,7 @@ def test_checkpoint_of_another_experiment_is_refused_naming_the_setting(saved_ru
 ])
 def test_checkpoint_identity_leaves_out_run_length_places_and_hardware(saved_run, override):
     run_dir, _ = saved_run
-    assert checkpoint.load(run_dir, compose_config(SMALL + [override]))["round"] == 10
+    assert checkpoint.load(run_dir, small_settings(override))["round"] == 10
 
 
 def test_checkpoint_identity_of_an_older_version_checks_what_it_recorded(saved_run, caplog):
@@ -109,8 +114,8 @@ def test_checkpoint_identity_of_an_older_version_checks_what_it_recorded(saved_r
     payload["identity"] = {k: payload["identity"][k] for k in ("num_clients", "seed")}
     torch.save(payload, run_dir / checkpoint.FILENAME)
     with pytest.raises(CheckpointError, match="seed"):
-        checkpoint.load(run_dir, compose_config(SMALL + ["seed=5"]))
-    assert checkpoint.load(run_dir, compose_config(SMALL + ["server.lr=5e-3"]))["round"] == 10
+        checkpoint.load(run_dir, small_settings("seed=5"))
+    assert checkpoint.load(run_dir, small_settings("server.lr=5e-3"))["round"] == 10
     assert "does not record" in caplog.text and "server.lr" in caplog.text
 
 
@@ -127,7 +132,7 @@ def test_corrupt_or_missing_checkpoint_is_refused(saved_run, tmp_path):
 
 def test_strategy_state_round_trips(saved_run):
     run_dir, cfg = saved_run
-    fresh = build_strategy(compose_config(SMALL + ["seed=3"]))  # other initial weights
+    fresh = build_strategy(small_settings("seed=3"))  # other initial weights
     fresh.load_state_dict(checkpoint.load(run_dir, cfg)["strategy"])
     assert fresh.start_round == 10
     reference = build_strategy(cfg)

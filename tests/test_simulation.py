@@ -13,6 +13,7 @@ from pFedHN.client import make_client_app
 from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.main import prepare
 from pFedHN.server import build_strategy, make_server_app
+from pFedHN.settings import Settings
 from pFedHN.strategy import payload_bytes
 from tests.conftest import REPO, TINY_MNIST, TINY_OVERRIDES, compose_config
 
@@ -71,7 +72,8 @@ def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
     assert last["clients_evaluated"] == 5
     assert 0 <= last["test_acc_min"] <= last["test_acc"] <= last["test_acc_max"] <= 1
     # Communication: theta_i out and delta_theta back, same arrays, every round.
-    strategy = build_strategy(compose_config(TINY_OVERRIDES + ["num_clients=5"]))
+    settings = Settings.from_config(compose_config(TINY_OVERRIDES + ["num_clients=5"]))
+    strategy = build_strategy(settings)
     theta_bytes = payload_bytes(ndarrays_to_parameters(strategy.generate(0)))
     traffic = results["communication"]
     assert traffic["last_training_round_sent_bytes"] == theta_bytes
