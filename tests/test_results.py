@@ -117,3 +117,32 @@ def test_missing_markers_are_refused(tmp_path, workspace):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="markers"):
         main(["--readme", str(readme), "--static", str(static)])
+
+
+def test_mh_runs_get_their_own_table_with_both_accuracies_cost_and_memory(workspace):
+    readme, static = workspace
+    runs = static / "runs"
+    shutil.copytree(runs / "tiny_mnist_pfedhn", runs / "mh")
+    config = OmegaConf.load(runs / "mh" / "config.yaml")
+    config.model.variant, config.model.architectures = 2, "mh-cnn"
+    config.client.partition = "mh-authors"
+    OmegaConf.save(config, runs / "mh" / "config.yaml")
+    results = json.loads((runs / "mh" / "results.json").read_text())
+    results |= {"best_test_acc": 0.9512, "best_test_round": 7,
+                "test_acc_at_best_val": 0.9401, "best_round": 9,
+                "timing": {"median_round_s": 12.34},
+                "server_memory": {"hypernetwork_bytes": 118 * 2**20,
+                                  "optimizer_state_bytes": 236 * 2**20,
+                                  "peak_rss_bytes": 3 * 2**30}}
+    (runs / "mh" / "results.json").write_text(json.dumps(results))
+    main(["--readme", str(readme), "--static", str(static)])
+    text = readme.read_text()
+    rows = [line for line in text.splitlines() if "`mh`" in line and line.startswith("| MNIST")]
+    assert rows == [
+        "| MNIST | 5 | MH-pFedHN | all mh-cnn | MH authors' | 20 | 42 | 95.12 (round 7) "
+        f"| 94.01 (round 9) | {100 * results['final_test_acc']:.2f} | 12.3 s "
+        "| 118 MiB + 236 MiB | 3.0 GiB | `mh` |"]
+    # Not pooled into pFedHN's table, and plotted apart (500 rounds, not 5000 steps).
+    assert all("MH-pFedHN" not in line for line in text.splitlines()
+               if "tiny_mnist_pfedhn" in line)
+    assert (static / "accuracy_mnist_mh.png").exists()
