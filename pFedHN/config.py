@@ -237,7 +237,7 @@ def _validate_hardware(settings: Settings) -> None:
 
 
 def client_resources(settings: Settings) -> dict[str, float]:
-    """Ray resources of one ClientApp: the config's, else the defaults for the device."""
+    """Ray resources of one ClientApp: the settings', else the defaults for the device."""
     on_gpu = resolve_device(str(settings.device)).type == "cuda"
     cpus = settings.simulation.num_cpus_per_client
     if cpus is None:  # CPU: one client at a time on every core; GPU: the GPU does the work
@@ -290,7 +290,7 @@ def split_with_labels(
 
 
 def describe_split(settings: Settings) -> dict[str, Any]:
-    """``split_summary`` of this config's split: classes and sample counts per client."""
+    """``split_summary`` of the run's split: classes and sample counts per client."""
     split, labels = split_with_labels(settings)
     num_classes = int(max(int(y.max()) for y in labels.values())) + 1
     like_cifar10 = settings.dataset.data in ("cifar10", "cinic10") or (
@@ -346,7 +346,7 @@ def data_spec(settings: Settings, on_disk: bool = True) -> DatasetSpec:
 
 
 def target_kwargs(settings: Settings) -> dict[str, Any]:
-    """Arguments of ``make_target`` for this config."""
+    """Arguments of ``make_target`` for these settings."""
     return {
         "name": settings.model.target,
         "in_channels": settings.model.in_channels,
