@@ -28,6 +28,7 @@ from pFedHN.config import (
     client_resources,
     describe_split,
     load_settings,
+    ray_init_args,
     split_with_labels,
 )
 from pFedHN.dataset import DataNotFoundError, describe_summary, ensure_available
@@ -199,8 +200,7 @@ def _run_simulation(settings: Settings, server_fn: Callable[[Context], ServerApp
         num_supernodes=settings.partitions,
         backend_config={
             "client_resources": client_resources(settings),
-            "init_args": {"include_dashboard": False}
-            | ({"address": address} if (address := settings.simulation.ray_address) else {}),
+            "init_args": ray_init_args(settings),
         },
     )
 

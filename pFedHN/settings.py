@@ -137,6 +137,7 @@ class SimulationSettings:
     num_threads: int | None
     ray_address: str | None
     poll_interval: float | None
+    inline_bytes: int | None
 
 
 SECTIONS = {"dataset": DatasetSettings, "model": ModelSettings, "client": ClientSettings,

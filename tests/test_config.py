@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pFedHN.config import ConfigError, load_settings, target_kwargs
+from pFedHN.config import ConfigError, load_settings, ray_init_args, target_kwargs
 from pFedHN.dataset import DataNotFoundError
 from pFedHN.main import prepare
 from pFedHN.models import make_target, parameter_shapes
@@ -99,11 +99,27 @@ def test_defaults_are_the_authors_cifar10_setting():
     ("server.node_timeout=0", "server.node_timeout"),
     ("server.fused_adam=maybe", "server.fused_adam"),
     ("simulation.poll_interval=-0.1", "simulation.poll_interval"),
+    ("simulation.inline_bytes=0.5", "simulation.inline_bytes"),
 ])
 def test_bad_values_name_the_key(override, key):
     cfg = compose_config(TINY_OVERRIDES + ["num_rounds=100", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_settings(cfg)
+
+
+@pytest.mark.parametrize("overrides,system_config", [
+    ([], {"max_direct_call_object_size": 4 * 2**20}),
+    (["simulation.inline_bytes=123456"], {"max_direct_call_object_size": 123456}),
+    (["simulation.inline_bytes=null"], None),  # Ray's own threshold
+    (["simulation.ray_address=auto"], None),  # a running cluster keeps its settings
+])
+def test_ray_passes_messages_inline_up_to_inline_bytes_on_its_own_instance(overrides,
+                                                                           system_config):
+    # A misspelt Ray key would stop Ray from starting: the simulation tests use the default.
+    args = ray_init_args(load_settings(compose_config(TINY_OVERRIDES + overrides)))
+    assert args.get("_system_config") == system_config
+    assert args["include_dashboard"] is False
+    assert args.get("address") == ("auto" if "simulation.ray_address=auto" in overrides else None)
 
 
 @pytest.mark.parametrize("override,message", [

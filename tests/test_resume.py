@@ -34,11 +34,13 @@ def figures(run_dir):
 
 @pytest.mark.simulation
 def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
-    """Also: Flower's own polling (the uninterrupted run) and the package's shorter
-    one (the broken run, the default) give the same run."""
+    """Also: Flower's own polling and Ray's own object-store threshold (the
+    uninterrupted run) and the package's shorter polls and inline messages (the
+    broken run, the defaults) give the same run."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    subprocess.run(main_command(whole, "simulation.poll_interval=null"), cwd=REPO, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(main_command(whole, "simulation.poll_interval=null",
+                                "simulation.inline_bytes=null"),
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
 
     process = subprocess.Popen(main_command(broken), cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
