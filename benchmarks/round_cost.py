@@ -3,10 +3,10 @@
     python benchmarks/round_cost.py [--rounds N] [--plain-only] [--profile]
         [--json FILE] [Hydra overrides ...]
 
-e.g. on the CIFAR-10 JPEG copy extracted to /tmp/cifar10-jpeg:
+e.g. on the CIFAR-10 JPEG copy extracted to <cifar10-jpeg>:
 
     python benchmarks/round_cost.py --rounds 60 dataset.data=folder \
-        dataset.root=/tmp/cifar10-jpeg dataset.mean=[0.4914,0.4822,0.4465] \
+        dataset.root=<cifar10-jpeg> dataset.mean=[0.4914,0.4822,0.4465] \
         dataset.std=[0.2023,0.1994,0.2010]
 
 Both parts run the same code (the strategy's ``generate``/``update`` and the
@@ -195,7 +195,8 @@ def render(json_files: list[Path], page: Path) -> None:
         m, s = r["machine"], r["settings"]
         rows.append(
             f"| `{path.name}` ({s['num_clients']} clients, {s['rounds']} rounds, poll "
-            f"{s['poll_interval']}) | {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+            f"{s['poll_interval']}, inline {s.get('inline_bytes')}) | {m['cpu']}, "
+            f"{m['cores']} cores, torch {m['torch']}, "
             f"flwr {m['flwr']} | {cell(r, 'plain_round_s', '.3f')} s | "
             f"{cell(r, 'flower_round_s', '.3f')} s | {cell(r, 'flower_over_plain', '.2f')} | "
             f"{cell(r, 'evaluation_round_s', '.2f')} s | "
@@ -285,14 +286,18 @@ def main() -> None:
         "plain_full_protocol_estimate_s": 5000 * plain_round + n_evals * plain_eval,
         "plain_repeats_bit_for_bit": bool(torch.equal(weights_before, weights_after)),
     }
-    settings = {"overrides": args.overrides, "rounds": args.rounds,
-                "num_clients": settings.num_clients, "device": settings.device,
-                "poll_interval": settings.simulation.poll_interval,
-                "hypernetwork_parameters": hnet_size, "warm_up_rounds_skipped": skip}
+    # The data's folder by name only: a results file names no paths of the machine.
+    overrides = [f"dataset.root=<{Path(o.split('=', 1)[1]).name}>"
+                 if o.startswith("dataset.root=") else o for o in args.overrides]
+    run_settings = {"overrides": overrides, "rounds": args.rounds,
+                    "num_clients": settings.num_clients, "device": settings.device,
+                    "poll_interval": settings.simulation.poll_interval,
+                    "inline_bytes": settings.simulation.inline_bytes,
+                    "hypernetwork_parameters": hnet_size, "warm_up_rounds_skipped": skip}
 
     def write_json() -> None:
         if args.json:
-            args.json.write_text(json.dumps({"settings": settings, "machine": machine(),
+            args.json.write_text(json.dumps({"settings": run_settings, "machine": machine(),
                                              **figures}, indent=2) + "\n")
             print(f"wrote {args.json}")
 
