@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -343,28 +344,21 @@ def mh_table(summaries: list[dict[str, Any]]) -> str:
     ]
     for setting, runs in _by_setting(s for s in summaries if _multi_head(s)):
         label, partition, num_rounds, finished, networks = setting[3:]
-        cfg, results = runs[0]["cfg"], [r["results"] for r in runs]
-        done = results[0].get("rounds_completed", num_rounds)
-        rounds = f"{done}" if finished else f"{done} of {num_rounds}"
-        best_test = _mean_std([r["best_test_acc"] for r in results])
-        at_val = _mean_std([r["test_acc_at_best_val"] for r in results])
-        if len(runs) == 1:
-            best_test += f" (round {results[0]['best_test_round']})"
-            at_val += f" (round {results[0]['best_round']})"
-        round_s = statistics.median(r["timing"]["median_round_s"] for r in results)
-        memory = results[0].get("server_memory", {})
+        group = _Group.of(runs, num_rounds, finished)
+        round_s = statistics.median(r["timing"]["median_round_s"] for r in group.results)
+        memory = group.results[0].get("server_memory", {})
         state = memory.get("hypernetwork_bytes")
         state_text = "–" if state is None else \
             f"{_mib(state)} + {_mib(memory.get('optimizer_state_bytes'))}"
         peak = memory.get("peak_rss_bytes")
-        names = ", ".join(f"`{r['name']}`" for r in runs)
         lines.append(
-            f"| {label} | {cfg.num_clients} | {VARIANTS[cfg.model.variant]} | {networks} "
-            f"| {SPLIT_NAMES.get(partition, partition)} | {rounds} "
-            f"| {', '.join(str(r['cfg'].seed) for r in runs)} | {best_test} | {at_val} "
-            f"| {_mean_std([r['final_test_acc'] for r in results])} | {round_s:.1f} s "
+            f"| {label} | {group.cfg.num_clients} | {VARIANTS[group.cfg.model.variant]} "
+            f"| {networks} | {SPLIT_NAMES.get(partition, partition)} | {group.rounds} "
+            f"| {group.seeds} | {group.figure('best_test_acc', 'best_test_round')} "
+            f"| {group.figure('test_acc_at_best_val', 'best_round')} "
+            f"| {group.figure('final_test_acc')} | {round_s:.1f} s "
             f"| {state_text} | {'–' if peak is None else f'{peak / 2**30:.1f} GiB'} "
-            f"| {names} |"
+            f"| {group.names} |"
         )
     return "\n".join(lines)
 
@@ -382,6 +376,32 @@ def _by_setting(summaries) -> list[tuple[tuple, list[dict[str, Any]]]]:
             for setting, runs in groups.items()]
 
 
+@dataclass(frozen=True)
+class _Group:
+    """One table row's runs (a setting's seeds) and what every table shows of them."""
+
+    cfg: Any
+    results: list[dict[str, Any]]
+    rounds: str  # "500", or "130 of 500" while the run is unfinished
+    seeds: str
+    names: str
+
+    @classmethod
+    def of(cls, runs: list[dict[str, Any]], num_rounds: int, finished: bool) -> _Group:
+        results = [r["results"] for r in runs]
+        done = results[0].get("rounds_completed", num_rounds)
+        return cls(runs[0]["cfg"], results, f"{done}" if finished else f"{done} of {num_rounds}",
+                   ", ".join(str(r["cfg"].seed) for r in runs),
+                   ", ".join(f"`{r['name']}`" for r in runs))
+
+    def figure(self, key: str, round_key: str | None = None) -> str:
+        """Mean ± std of ``key`` over the seeds; one seed's value with its round."""
+        text = _mean_std([r[key] for r in self.results])
+        if round_key and len(self.results) == 1:
+            text += f" (round {self.results[0][round_key]})"
+        return text
+
+
 def results_table(summaries: list[dict[str, Any]]) -> str:
     """Markdown table: one row per setting (its seeds pooled), then the paper's rows not run.
 
@@ -396,23 +416,16 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
     ]
     for setting, runs in _by_setting(s for s in summaries if not _multi_head(s)):
         key, label, partition, num_rounds, finished = setting[:3], *setting[3:]
-        cfg, results = runs[0]["cfg"], [r["results"] for r in runs]
-        env = results[0].get("environment", {})
-        done = results[0].get("rounds_completed", num_rounds)
-        rounds = f"{done}" if finished else f"{done} of {num_rounds}"
-        best = _mean_std([r["test_acc_at_best_val"] for r in results])
-        if len(runs) == 1:
-            best += f" (round {results[0]['best_round']})"
-        seeds = ", ".join(str(r["cfg"].seed) for r in runs)
-        minutes = statistics.median(r["wall_time_s"] for r in results) / 60
-        names = ", ".join(f"`{r['name']}`" for r in runs)
+        group = _Group.of(runs, num_rounds, finished)
+        env = group.results[0].get("environment", {})
+        minutes = statistics.median(r["wall_time_s"] for r in group.results) / 60
         lines.append(
-            f"| {label} | {cfg.num_clients} | {VARIANTS[cfg.model.variant]} "
-            f"| {SPLIT_NAMES.get(partition, partition)} | {rounds} | {seeds} "
-            f"| {PAPER.get(key, '–')} | {best} "
-            f"| {_mean_std([r['final_test_acc'] for r in results])} "
+            f"| {label} | {group.cfg.num_clients} | {VARIANTS[group.cfg.model.variant]} "
+            f"| {SPLIT_NAMES.get(partition, partition)} | {group.rounds} | {group.seeds} "
+            f"| {PAPER.get(key, '–')} | {group.figure('test_acc_at_best_val', 'best_round')} "
+            f"| {group.figure('final_test_acc')} "
             f"| {env.get('cpu_cores', '?')} CPU cores ({env.get('cpu', '?')}) "
-            f"| {minutes:.0f} min | {names} |"
+            f"| {minutes:.0f} min | {group.names} |"
         )
     done_keys = {s["key"] for s in summaries if not _multi_head(s)}
     for key in sorted(PAPER.keys() - done_keys):
