@@ -187,6 +187,9 @@ def render(json_files: list[Path], page: Path) -> None:
     """Rewrite the table between ``page``'s markers from ``--json`` files, one row each."""
     rows = ["| run | machine | plain round | Flower round | Flower / plain | evaluation "
             "round | full protocol, estimated |", "|---|---|---|---|---|---|---|"]
+    def null(value: object) -> object:  # the config's spelling of None
+        return "null" if value is None else value
+
     def cell(figures: dict, key: str, fmt: str) -> str:
         return format(figures[key], fmt) if key in figures else "not run"
 
@@ -194,8 +197,9 @@ def render(json_files: list[Path], page: Path) -> None:
         r = json.loads(path.read_text())
         m, s = r["machine"], r["settings"]
         rows.append(
-            f"| `{path.name}` ({s['num_clients']} clients, {s['rounds']} rounds, poll "
-            f"{s['poll_interval']}, inline {s.get('inline_bytes')}) | {m['cpu']}, "
+            f"| `{path.name}` ({s['num_clients']} clients, {s['rounds']} rounds, "
+            f"poll_interval {null(s['poll_interval'])}, inline_bytes "
+            f"{null(s.get('inline_bytes'))}) | {m['cpu']}, "
             f"{m['cores']} cores, torch {m['torch']}, "
             f"flwr {m['flwr']} | {cell(r, 'plain_round_s', '.3f')} s | "
             f"{cell(r, 'flower_round_s', '.3f')} s | {cell(r, 'flower_over_plain', '.2f')} | "
@@ -218,7 +222,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                         help="only rewrite --into's table from these --json files")
-    parser.add_argument("--into", type=Path, default=Path("docs/performance.md"))
+    parser.add_argument("--into", type=Path, default=Path("README.md"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.render:
