@@ -119,9 +119,11 @@ class MHCNN(nn.Module):
         self.fc1 = nn.Linear(32 * (input_size // 4) ** 2, 108)
         self.fc2 = nn.Linear(108, 64)
         self.fc3 = nn.Linear(64, num_classes)
+        self.to(memory_format=torch.channels_last)  # CPU convolutions ~20 % faster
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits."""
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.pool(torch.relu(self.conv1(x)))
         x = self.pool(torch.relu(self.conv2(x))).flatten(1)
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
@@ -147,9 +149,11 @@ class MHVGG8(nn.Module):
             nn.Linear(64 * (input_size // 8) ** 2, 180), nn.ReLU(), nn.Dropout(),
             nn.Linear(180, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, num_classes),
         )
+        self.to(memory_format=torch.channels_last)  # CPU convolutions ~20 % faster
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits."""
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.classifier(self.features(x).flatten(1))
 
 

@@ -117,3 +117,33 @@ def test_bad_names_and_inputs_fail_fast(args, message):
         make_client_model(*args)
     with pytest.raises(ValueError, match="3 architectures listed for 2 clients"):
         assign_architectures(["cnn"] * 3, 2)
+
+
+@pytest.mark.parametrize("name", ["mh-cnn", "mh-vgg8"])
+def test_channels_last_networks_compute_what_the_plain_layout_does_up_to_float_rounding(name):
+    """The authors' CNN and VGG8 run channels-last (faster CPU convolutions): their
+    logits and gradients stay as close to a float64 computation in the plain
+    layout as float32 allows, also after weights are loaded as a flat theta is."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    model = make_client_model(name, 3, 10, 32)
+    model.eval()  # VGG8's dropout
+    weights = {k: torch.randn_like(v) * v.std() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)  # as the client loads theta: a copy into each tensor
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters() if p.dim() == 4)
+
+    reference = make_client_model(name, 3, 10, 32).double()
+    reference.eval()
+    reference.load_state_dict(weights)
+    for p in reference.parameters():
+        p.data = p.data.contiguous()  # the plain layout
+    results = []
+    for net, x in ((model, images), (reference, images.double())):
+        logits = net(x)
+        nn.functional.cross_entropy(logits, labels).backward()
+        results.append((logits.double(), torch.cat([p.grad.flatten().double()
+                                                    for p in net.parameters()])))
+    (logits, grads), (ref_logits, ref_grads) = results
+    assert (logits - ref_logits).norm() <= 1e-5 * ref_logits.norm()
+    assert (grads - ref_grads).norm() <= 1e-5 * ref_grads.norm()
