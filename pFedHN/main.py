@@ -85,9 +85,7 @@ class Experiment:
 
     def finish(self) -> dict:
         """Write the final results; log and return them."""
-        # ru_maxrss is in KiB on Linux: the peak of this process (server and Ray driver).
-        self.recorder.server_memory = self.strategy.memory_bytes() | {
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        self.recorder.server_memory = server_memory(self.strategy)
         results = self.recorder.close()
         log.info("test_acc_at_best_val=%.4f (round %s), final_test_acc=%.4f, "
                  "best_test_acc=%.4f (round %s; the MH-pFedHN authors' measure), "
@@ -97,6 +95,13 @@ class Experiment:
         if results["training_check"].get("status") in ("collapsed", "diverged"):
             log.warning("this run did not train: %s", results["training_check"]["message"])
         return results
+
+
+def server_memory(strategy: PFedHNStrategy) -> dict[str, int]:
+    """The hypernetwork and optimizer state, and this process's peak so far."""
+    # ru_maxrss is in KiB on Linux: the peak of this process (server and Ray driver).
+    return strategy.memory_bytes() | {
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def start_experiment(settings: Settings, run_dir: str | Path,
@@ -117,6 +122,7 @@ def start_experiment(settings: Settings, run_dir: str | Path,
         log.info("%s", describe_summary(split))
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
+        recorder.server_memory = server_memory(strategy)  # results.json has it as the run goes
         recorder.on_fit(server_round, client_metrics, server_metrics)
         if server_round % settings.checkpoint_every == 0 or server_round == settings.num_rounds:
             checkpoint.save(run_dir, settings, server_round,
@@ -130,6 +136,7 @@ def start_experiment(settings: Settings, run_dir: str | Path,
         recorder.load_state_dict(resumed["recorder"])
         discard_state_after(run_dir / STATE_DIR, resumed["round"])
         log.info("resuming %s from round %d", run_dir, resumed["round"])
+    recorder.server_memory = server_memory(strategy)
     log.info("%s: %d rounds, results in %s", title, settings.num_rounds, run_dir)
     return Experiment(settings, run_dir, strategy, recorder)
 

@@ -126,7 +126,7 @@ class RunRecorder:
         self.start = time.perf_counter()
         self.earlier_wall_time_s = 0.0  # of the sessions before a resume
         self.environment = environment()
-        self.server_memory: dict[str, int] = {}  # filled in by the experiment at the end
+        self.server_memory: dict[str, int] = {}  # filled in by the experiment each round
         self._last_round_end = None
         self.progress = tqdm(total=num_rounds, desc="rounds", unit="round", dynamic_ncols=True)
 

@@ -58,6 +58,9 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
         process.wait()
     killed_at = torch.load(broken / checkpoint.FILENAME, weights_only=False)["round"]
     assert 8 <= killed_at < 24
+    # What the killed run wrote as it went includes the server's memory.
+    memory = json.loads((broken / "results.json").read_text())["server_memory"]
+    assert memory["peak_rss_bytes"] > memory["hypernetwork_bytes"] > 0
 
     resumed = subprocess.run(main_command(broken, f"resume={broken}"), cwd=REPO,
                              capture_output=True, text=True, timeout=600)
