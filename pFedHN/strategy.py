@@ -280,7 +280,13 @@ class PFedHNStrategy(Strategy):
                                         fused_adam=self.fused_adam)
 
     def memory_bytes(self) -> dict[str, int]:
-        """What the server holds for the algorithm: the hypernetwork and its optimizer state."""
+        """What the server holds for the algorithm: the hypernetwork and its optimizer state.
+
+        Nothing yet for MH-pFedHN before its clients report their sizes.
+        """
+        if self.hnet is None:
+            return {}
+
         def nbytes(tensors: Iterable[Any]) -> int:
             return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
