@@ -122,9 +122,10 @@ def start_experiment(settings: Settings, run_dir: str | Path,
         log.info("%s", describe_summary(split))
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
-        recorder.server_memory = server_memory(strategy)  # results.json has it as the run goes
         recorder.on_fit(server_round, client_metrics, server_metrics)
         if server_round % settings.checkpoint_every == 0 or server_round == settings.num_rounds:
+            # results.json has it as the run goes, refreshed when a checkpoint is written
+            recorder.server_memory = server_memory(strategy)
             checkpoint.save(run_dir, settings, server_round,
                             strategy=strategy.state_dict(server_round),
                             recorder=recorder.state_dict())
