@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,6 @@ from pFedHN.files import write_atomic
 from pFedHN.settings import Settings, flatten
 
 log = logging.getLogger(__name__)
-FILENAME = "checkpoint.pt"
 # Every setting defines the experiment a checkpoint belongs to, except these: how long
 # and how often (a resume may train longer), where files and data live, the hardware,
 # and the novel-client phase that follows training. A resume must agree on the rest.
@@ -26,28 +26,52 @@ MAY_CHANGE = (
 )
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A resumable part of a run: training, then the novel clients' embedding phase."""
+
+    filename: str
+    may_change: tuple[str, ...]  # settings a resume may change (see MAY_CHANGE)
+    rounds_key: str  # the setting that says how many rounds the phase has
+
+    def num_rounds(self, settings: Settings) -> int:
+        """How many rounds the phase has in ``settings``."""
+        return flatten(settings.as_dict())[self.rounds_key]
+
+
+TRAINING = Phase("checkpoint.pt", MAY_CHANGE, "num_rounds")
+# The novel phase continues a trained hypernetwork: its training length and the
+# novel phase's own optimizer and split define it too; only its length may change.
+NOVEL = Phase("novel_checkpoint.pt",
+              tuple(k for k in MAY_CHANGE if k not in (
+                  "num_rounds", "novel.lr", "novel.optimizer", "novel.dirichlet_alpha")),
+              "novel.rounds")
+FILENAME = TRAINING.filename
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or from another experiment."""
 
 
-def identity(settings: Settings) -> dict[str, Any]:
-    """Every setting that defines the experiment, as ``{"a.b": value}``."""
+def identity(settings: Settings, phase: Phase = TRAINING) -> dict[str, Any]:
+    """Every setting that defines the experiment (up to ``phase``), as ``{"a.b": value}``."""
     flat = flatten(settings.as_dict())
     return {key: value for key, value in flat.items()
-            if not any(key == k or key.startswith(f"{k}.") for k in MAY_CHANGE)}
+            if not any(key == k or key.startswith(f"{k}.") for k in phase.may_change)}
 
 
-def save(run_dir: Path, settings: Settings, server_round: int, **states: dict) -> Path:
-    """Write ``run_dir/checkpoint.pt`` (atomically)."""
-    payload = {"round": server_round, "identity": identity(settings), **states}
-    return write_atomic(Path(run_dir) / FILENAME, lambda tmp: torch.save(payload, tmp))
+def save(run_dir: Path, settings: Settings, server_round: int, phase: Phase = TRAINING,
+         **states: dict) -> Path:
+    """Write ``run_dir/<phase's file>`` (atomically)."""
+    payload = {"round": server_round, "identity": identity(settings, phase), **states}
+    return write_atomic(Path(run_dir) / phase.filename, lambda tmp: torch.save(payload, tmp))
 
 
-def load(run_dir: Path, settings: Settings) -> dict[str, Any]:
+def load(run_dir: Path, settings: Settings, phase: Phase = TRAINING) -> dict[str, Any]:
     """Read and check a checkpoint completely before anything uses it."""
-    path = Path(run_dir) / FILENAME
+    path = Path(run_dir) / phase.filename
     if not path.exists():
-        raise CheckpointError(f"resume={run_dir}: no {FILENAME} in that run directory")
+        raise CheckpointError(f"resume={run_dir}: no {phase.filename} in that run directory")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
         saved, server_round = payload["identity"], int(payload["round"])
@@ -55,7 +79,7 @@ def load(run_dir: Path, settings: Settings) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - any unreadable file is refused alike
         raise CheckpointError(f"resume={run_dir}: {path} is corrupt or incomplete ({error})") \
             from None
-    ours = identity(settings)
+    ours = identity(settings, phase)
     differing = [f"{k}: checkpoint {saved[k]!r}, config {v!r}"
                  for k, v in ours.items() if k in saved and saved[k] != v]
     if differing:
@@ -68,9 +92,10 @@ def load(run_dir: Path, settings: Settings) -> dict[str, Any]:
     if unrecorded:  # made by an older version, which recorded fewer settings
         log.warning("resume=%s: the checkpoint does not record %s; they are taken to be "
                     "as in the config", run_dir, ", ".join(unrecorded))
-    if server_round > settings.num_rounds:
+    num_rounds = phase.num_rounds(settings)
+    if server_round > num_rounds:
         raise CheckpointError(
-            f"resume={run_dir}: the checkpoint is at round {server_round}, "
-            f"past num_rounds={settings.num_rounds}"
+            f"resume={run_dir}: {phase.filename} is at round {server_round}, "
+            f"past {phase.rounds_key}={num_rounds}"
         )
     return payload

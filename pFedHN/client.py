@@ -182,6 +182,7 @@ def fingerprint(module: nn.Module) -> int:
 
 
 STATE_DIR = "client_state"  # simulation: <run dir>/client_state/<partition>/<round>.pt
+NOVEL_STATE_DIR = "novel_client_state"  # the same for the novel phase, whose rounds restart
 # A SuperNode's decoded partition (see client_builder's data_cache).
 DATA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pfedhn"
 

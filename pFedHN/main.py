@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
-from pFedHN.client import STATE_DIR, discard_state_after, make_client_app
+from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, discard_state_after, make_client_app
 from pFedHN.config import (
     check_split,
     client_resources,
@@ -222,18 +222,25 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     settings = prepare(cfg)
     if settings.novel.from_run:
-        return run_novel(settings, trained_strategy(settings), Path(run_dir), {})
+        return run_novel(settings, trained_strategy(settings), Path(settings.resume or run_dir),
+                         {})
     experiment = start_experiment(settings, run_dir, describe_split(settings))
-    # Simulation only: what clients keep (pFedHN-PC heads, MH-pFedHN batch-norm
-    # statistics) is mirrored beside the checkpoint (see LocalStore).
-    keeps_state = settings.variant.keeps_client_state
-    state_dir = experiment.run_dir / STATE_DIR \
-        if keeps_state and settings.simulation.mirror_client_state else None
-    simulate(settings, lambda context: experiment.components(), state_dir)
+    simulate(settings, lambda context: experiment.components(),
+             client_state_dir(settings, experiment.run_dir / STATE_DIR))
     results = experiment.finish()
     if settings.novel.num_clients:
         results = run_novel(settings, experiment.strategy, experiment.run_dir, results)
     return results
+
+
+def client_state_dir(settings: Settings, state_dir: Path) -> Path | None:
+    """Where simulated clients mirror what they keep, if they keep anything.
+
+    Simulation only: what clients keep (pFedHN-PC heads, MH-pFedHN batch-norm
+    statistics) is mirrored beside the checkpoint (see LocalStore).
+    """
+    keeps_state = settings.variant.keeps_client_state
+    return state_dir if keeps_state and settings.simulation.mirror_client_state else None
 
 
 def trained_strategy(settings: Settings) -> PFedHNStrategy:
@@ -252,30 +259,50 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
     """Learn the novel clients' embeddings, the hypernetwork frozen; report them.
 
     Adds the figures to ``results``; writes results.json and novel_clients.png
-    into ``run_dir``.
+    into ``run_dir``. The phase has its own checkpoint there (``checkpoint.NOVEL``);
+    with ``resume`` it continues from it when there is one.
     """
+    novel = settings.novel
     novel_ids = range(settings.num_clients, settings.partitions)
-    strategy.learn_embeddings_only(novel_ids, settings.novel.rounds, settings.novel.lr,
-                                   settings.server.momentum, settings.novel.optimizer,
-                                   settings.novel.eval_every)
-    evaluations: dict[int, dict] = {}
-    strategy.on_fit = None
-    strategy.on_evaluate = lambda r, metrics, per_client: evaluations.__setitem__(r, per_client)
-    log.info("novel clients %d-%d: %d rounds of embedding training",
-             novel_ids[0], novel_ids[-1], settings.novel.rounds)
-    simulate(settings, lambda context: server_components(strategy, settings.novel.rounds))
+    strategy.learn_embeddings_only(novel_ids, novel.rounds, novel.lr, settings.server.momentum,
+                                   novel.optimizer, novel.eval_every)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if novel.from_run:
+        (run_dir / "config.yaml").write_text(settings.to_yaml())
+    state_dir = client_state_dir(settings, run_dir / NOVEL_STATE_DIR)
+    evaluations: dict[int, dict] = {}  # per evaluated round, each novel client's metrics
+    if settings.resume and (run_dir / checkpoint.NOVEL.filename).exists():
+        saved = checkpoint.load(run_dir, settings, checkpoint.NOVEL)
+        strategy.load_state_dict(saved["strategy"])
+        evaluations = saved["recorder"]["evaluations"]
+        if state_dir is not None:
+            discard_state_after(state_dir, saved["round"])
+        log.info("resuming the novel phase in %s from round %d", run_dir, saved["round"])
 
     split, labels = split_with_labels(settings)
     train_labels = labels["train"]
     shifts = distribution_shift([train_labels[i] for i in split["train"]], settings.num_clients,
                                 int(train_labels.max()) + 1)
-    novel = settings.novel
     phase = {"rounds": novel.rounds, "lr": novel.lr, "optimizer": novel.optimizer,
              "dirichlet_alpha": novel.dirichlet_alpha, "from_run": novel.from_run}
+
+    def on_evaluate(server_round: int, metrics: dict, per_client: dict) -> None:
+        evaluations[server_round] = per_client  # results.json has the phase as it goes
+        summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
+        write_json_atomic(run_dir / "results.json", results | {"novel_clients": summary})
+
+    def on_fit(server_round: int, *_: object) -> None:
+        if server_round % settings.checkpoint_every == 0 or server_round == novel.rounds:
+            checkpoint.save(run_dir, settings, server_round, checkpoint.NOVEL,
+                            strategy=strategy.state_dict(server_round),
+                            recorder={"evaluations": evaluations})
+
+    strategy.on_fit, strategy.on_evaluate = on_fit, on_evaluate
+    log.info("novel clients %d-%d: %d rounds of embedding training",
+             novel_ids[0], novel_ids[-1], novel.rounds)
+    simulate(settings, lambda context: server_components(strategy, novel.rounds), state_dir)
+
     summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if settings.novel.from_run:
-        (run_dir / "config.yaml").write_text(settings.to_yaml())
     results = results | {"novel_clients": summary}
     write_json_atomic(run_dir / "results.json", results)
     plot_novel(summary, run_dir / "novel_clients.png")

@@ -38,6 +38,9 @@ def novel_summary(
 ) -> dict[str, Any]:
     """Per novel client: shift and test accuracy before/after; pooled accuracies.
 
+    "after" is the last evaluated round (``rounds_completed``): the phase's end
+    once it has finished.
+
     ``evaluations``: per evaluated round, each novel client's metrics. Besides
     the first and last, the pooled test accuracy of every evaluated round and
     its best (the MH-pFedHN authors evaluate every round of this phase).
@@ -58,7 +61,8 @@ def novel_summary(
                  / sum(m["test_n"] for m in per.values())}
                 for r, per in sorted(evaluations.items())]
     best = max(by_round, key=lambda e: e["test_acc"])  # the first round wins ties
-    return {**settings, "test_acc_before": pooled("test_acc_before"),
+    return {**settings, "rounds_completed": max(evaluations),
+            "test_acc_before": pooled("test_acc_before"),
             "test_acc_after": pooled("test_acc_after"), "best_test_acc": best["test_acc"],
             "best_test_round": best["round"], "test_acc_by_round": by_round,
             "clients": clients}

@@ -1,11 +1,15 @@
 """Generalization to novel clients: only their embeddings learn; the split and the shift."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from pFedHN import checkpoint
+from pFedHN.checkpoint import CheckpointError
+from pFedHN.client import NOVEL_STATE_DIR
 from pFedHN.dataset import SplitSettings, client_indices
 from pFedHN.main import prepare, run, run_novel, trained_strategy
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
@@ -93,6 +97,55 @@ def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
         else:
             assert torch.equal(weights, as_trained[name]), name
     assert again["novel_clients"]["test_acc_before"] == novel["test_acc_before"]
+
+
+@pytest.mark.simulation
+def test_novel_phase_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    """Resume after the novel phase's checkpoint at round 2: the training part is
+    complete and not redone; the phase goes on from its own checkpoint, with the
+    novel pFedHN-PC clients' private heads as they were (the clients' state mirror)."""
+    base = TINY_OVERRIDES + ["num_clients=4", "novel.num_clients=2", "num_rounds=6",
+                             "client.inner_steps=5", "checkpoint_every=2", "eval_every=3",
+                             "novel.eval_every=1",
+                             "model.local=True", "model.variant=1", "server.lr=5e-2"]
+    whole = run(compose_config(base + ["novel.rounds=4"]), tmp_path / "whole")
+
+    broken_dir = tmp_path / "broken"
+    first = run(compose_config(base + ["novel.rounds=2"]), broken_dir)
+    assert first["novel_clients"]["rounds_completed"] == 2
+    saved = torch.load(broken_dir / checkpoint.NOVEL.filename, weights_only=False)
+    assert saved["round"] == 2 and sorted(saved["recorder"]["evaluations"]) == [0, 1]
+    assert sorted(p.name for p in (broken_dir / NOVEL_STATE_DIR).iterdir()) == ["4", "5"]
+    saves = []  # (checkpoint file, round) of every checkpoint the resumed run writes
+    save = checkpoint.save
+
+    def recording_save(run_dir, settings, server_round, phase=checkpoint.TRAINING, **states):
+        saves.append((phase.filename, server_round))
+        return save(run_dir, settings, server_round, phase, **states)
+
+    monkeypatch.setattr(checkpoint, "save", recording_save)
+    resumed = run(compose_config(base + ["novel.rounds=4", f"resume={broken_dir}"]),
+                  tmp_path / "unused")
+    assert saves == [(checkpoint.NOVEL.filename, 4)]  # only novel rounds 3 and 4 were run
+
+    def novel_figures(results):
+        novel = results["novel_clients"]
+        return (novel["test_acc_by_round"], [c["test_acc_after"] for c in novel["clients"]],
+                novel["rounds_completed"])
+
+    assert novel_figures(resumed) == novel_figures(whole)
+    assert [e["round"] for e in novel_figures(whole)[0]] == [0, 1, 2, 3, 4]
+    assert resumed["test_acc_at_best_val"] == whole["test_acc_at_best_val"]
+    rounds = [[e["round"] for e in r["evaluations"]] for r in (resumed, whole)]
+    assert rounds[0] == rounds[1]
+    on_disk = json.loads((broken_dir / "results.json").read_text())
+    assert novel_figures(on_disk) == novel_figures(whole)
+    # a novel-phase checkpoint of other novel settings is refused, naming the key
+    with pytest.raises(CheckpointError, match="novel.lr"):
+        run(compose_config(base + ["novel.rounds=4", "novel.lr=0.5", f"resume={broken_dir}"]),
+            tmp_path / "unused")
 
 
 def test_novel_phase_with_adam_steps_only_the_novel_embedding_as_plain_torch_adam_does():
