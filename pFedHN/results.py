@@ -363,6 +363,36 @@ def mh_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def novel_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown table of the runs with novel clients: one row per run.
+
+    After training, the hypernetwork is frozen and only the novel clients'
+    embeddings learn; their pooled test accuracy before that phase, at its last
+    evaluated round and at its best round (the MH-pFedHN authors' measure).
+    """
+    lines = [
+        "| dataset | algorithm | networks | clients: trained + novel | training rounds "
+        "| novel rounds | seed | novel: best test over rounds (the authors' measure) "
+        "| novel: before | novel: after | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        cfg, novel = s["cfg"], s["results"].get("novel_clients")
+        if not novel:
+            continue
+        done = novel.get("rounds_completed", novel["rounds"])
+        novel_rounds = f"{done}" if done == novel["rounds"] else f"{done} of {novel['rounds']}"
+        networks = _networks(cfg) if _multi_head(s) else cfg.model.get("target", "cnn")
+        lines.append(
+            f"| {_dataset_label(cfg)} | {VARIANTS[cfg.model.variant]} | {networks} "
+            f"| {cfg.num_clients} + {cfg.novel.num_clients} "
+            f"| {s['results'].get('rounds_completed', cfg.num_rounds)} | {novel_rounds} "
+            f"| {cfg.seed} | {_pct(novel['best_test_acc'])} (round {novel['best_test_round']}) "
+            f"| {_pct(novel['test_acc_before'])} | {_pct(novel['test_acc_after'])} "
+            f"| `{s['name']}` |")
+    return "\n".join(lines)
+
+
 def _multi_head(summary: dict[str, Any]) -> bool:
     return int(summary["cfg"].model.variant) in (2, 3)
 
@@ -513,6 +543,10 @@ def regenerate(runs_dir: Path, readme: Path, static_dir: Path) -> None:
             "every round, one at a time; each client's data cut 75/25 into its own train "
             "and test):", "", mh_table(summaries)]
           if any(_multi_head(s) for s in summaries) else []),
+        *(["", "Novel clients: after training, the hypernetwork frozen, only the novel "
+            "clients' embeddings learn (evaluated every round where the run says so):", "",
+            novel_table(summaries)]
+          if any(s["results"].get("novel_clients") for s in summaries) else []),
         "",
         "Each run:",
         "",

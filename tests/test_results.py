@@ -146,3 +146,31 @@ def test_mh_runs_get_their_own_table_with_both_accuracies_cost_and_memory(worksp
     assert all("MH-pFedHN" not in line for line in text.splitlines()
                if "tiny_mnist_pfedhn" in line)
     assert (static / "accuracy_mnist_mh.png").exists()
+
+
+def test_runs_with_novel_clients_get_a_row_of_their_phase_partial_or_finished(workspace):
+    readme, static = workspace
+    runs = static / "runs"
+    shutil.copytree(runs / "tiny_mnist_pfedhn", runs / "novel")
+    config = OmegaConf.load(runs / "novel" / "config.yaml")
+    OmegaConf.update(config, "novel.num_clients", 2, force_add=True)
+    OmegaConf.save(config, runs / "novel" / "config.yaml")
+    results = json.loads((runs / "novel" / "results.json").read_text())
+    novel = {"rounds": 500, "rounds_completed": 120, "best_test_acc": 0.8123,
+             "best_test_round": 97, "test_acc_before": 0.2511, "test_acc_after": 0.8002}
+    (runs / "novel" / "results.json").write_text(json.dumps(results | {"novel_clients": novel}))
+    main(["--readme", str(readme), "--static", str(static)])
+    rows = [line for line in readme.read_text().splitlines()
+            if "`novel`" in line and "+ 2 |" in line]
+    trained = f"{config.num_clients} + 2 | {results['rounds_completed']}"
+    assert rows == [f"| MNIST | pFedHN | cnn | {trained} | 120 of 500 | 42 | 81.23 (round 97) "
+                    "| 25.11 | 80.02 | `novel` |"]
+
+    (runs / "novel" / "results.json").write_text(
+        json.dumps(results | {"novel_clients": novel | {"rounds_completed": 500}}))
+    main(["--readme", str(readme), "--static", str(static)])
+    assert f"| {trained} | 500 | 42 |" in readme.read_text()
+    # runs without novel clients get no such table
+    shutil.rmtree(runs / "novel")
+    main(["--readme", str(readme), "--static", str(static)])
+    assert "Novel clients:" not in readme.read_text()
