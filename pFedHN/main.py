@@ -221,16 +221,25 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     training (or, with ``novel.from_run``, replaces it).
     """
     settings = prepare(cfg)
+    run_dir = Path(settings.resume or run_dir)
+    novel_saved = saved_novel_phase(settings, run_dir)  # checked before any work
     if settings.novel.from_run:
-        return run_novel(settings, trained_strategy(settings), Path(settings.resume or run_dir),
-                         {})
+        return run_novel(settings, trained_strategy(settings), run_dir, {}, novel_saved)
     experiment = start_experiment(settings, run_dir, describe_split(settings))
     simulate(settings, lambda context: experiment.components(),
              client_state_dir(settings, experiment.run_dir / STATE_DIR))
     results = experiment.finish()
     if settings.novel.num_clients:
-        results = run_novel(settings, experiment.strategy, experiment.run_dir, results)
+        results = run_novel(settings, experiment.strategy, experiment.run_dir, results,
+                            novel_saved)
     return results
+
+
+def saved_novel_phase(settings: Settings, run_dir: Path) -> dict | None:
+    """With ``resume``: the novel phase's checkpoint in ``run_dir``, if any, checked."""
+    if settings.resume and (run_dir / checkpoint.NOVEL.filename).exists():
+        return checkpoint.load(run_dir, settings, checkpoint.NOVEL)
+    return None
 
 
 def client_state_dir(settings: Settings, state_dir: Path) -> Path | None:
@@ -255,12 +264,13 @@ def trained_strategy(settings: Settings) -> PFedHNStrategy:
     return strategy
 
 
-def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, results: dict) -> dict:
+def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, results: dict,
+              saved: dict | None = None) -> dict:
     """Learn the novel clients' embeddings, the hypernetwork frozen; report them.
 
     Adds the figures to ``results``; writes results.json and novel_clients.png
-    into ``run_dir``. The phase has its own checkpoint there (``checkpoint.NOVEL``);
-    with ``resume`` it continues from it when there is one.
+    into ``run_dir``, and the phase's own checkpoint (``checkpoint.NOVEL``).
+    ``saved``: such a checkpoint (``saved_novel_phase``), to continue from.
     """
     novel = settings.novel
     novel_ids = range(settings.num_clients, settings.partitions)
@@ -271,8 +281,7 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
         (run_dir / "config.yaml").write_text(settings.to_yaml())
     state_dir = client_state_dir(settings, run_dir / NOVEL_STATE_DIR)
     evaluations: dict[int, dict] = {}  # per evaluated round, each novel client's metrics
-    if settings.resume and (run_dir / checkpoint.NOVEL.filename).exists():
-        saved = checkpoint.load(run_dir, settings, checkpoint.NOVEL)
+    if saved is not None:
         strategy.load_state_dict(saved["strategy"])
         evaluations = saved["recorder"]["evaluations"]
         if state_dir is not None:

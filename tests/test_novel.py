@@ -142,7 +142,9 @@ def test_novel_phase_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one(
     assert rounds[0] == rounds[1]
     on_disk = json.loads((broken_dir / "results.json").read_text())
     assert novel_figures(on_disk) == novel_figures(whole)
-    # a novel-phase checkpoint of other novel settings is refused, naming the key
+    # a novel-phase checkpoint of other novel settings is refused, naming the key,
+    # before any training or evaluation
+    monkeypatch.setattr("pFedHN.main.simulate", lambda *a, **k: pytest.fail("simulated"))
     with pytest.raises(CheckpointError, match="novel.lr"):
         run(compose_config(base + ["novel.rounds=4", "novel.lr=0.5", f"resume={broken_dir}"]),
             tmp_path / "unused")
