@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,12 @@ class Phase:
 
     def num_rounds(self, settings: Settings) -> int:
         """How many rounds the phase has in ``settings``."""
-        return flatten(settings.as_dict())[self.rounds_key]
+        return attrgetter(self.rounds_key)(settings)
+
+    def due(self, settings: Settings, server_round: int) -> bool:
+        """A checkpoint is written every ``checkpoint_every`` rounds and after the last."""
+        return server_round % settings.checkpoint_every == 0 \
+            or server_round == self.num_rounds(settings)
 
 
 TRAINING = Phase("checkpoint.pt", MAY_CHANGE, "num_rounds")

@@ -123,7 +123,7 @@ def start_experiment(settings: Settings, run_dir: str | Path,
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
         recorder.on_fit(server_round, client_metrics, server_metrics)
-        if server_round % settings.checkpoint_every == 0 or server_round == settings.num_rounds:
+        if checkpoint.TRAINING.due(settings, server_round):
             # results.json has it as the run goes, refreshed when a checkpoint is written
             recorder.server_memory = server_memory(strategy)
             checkpoint.save(run_dir, settings, server_round,
@@ -301,7 +301,7 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
         write_json_atomic(run_dir / "results.json", results | {"novel_clients": summary})
 
     def on_fit(server_round: int, *_: object) -> None:
-        if server_round % settings.checkpoint_every == 0 or server_round == novel.rounds:
+        if checkpoint.NOVEL.due(settings, server_round):
             checkpoint.save(run_dir, settings, server_round, checkpoint.NOVEL,
                             strategy=strategy.state_dict(server_round),
                             recorder={"evaluations": evaluations})
