@@ -7,7 +7,7 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ class InnerLoop:
     lr: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 5e-5
-    clip_norm: float = 50.0
+    clip_norm: float | None = 50.0  # None: no clipping (MH-pFedHNGD's global phase)
     epochs: int | None = None  # set: passes over the local data instead of ``steps`` (MH-pFedHN)
 
     @classmethod
@@ -147,7 +147,8 @@ def train_inner_loop(
         if head_optimizer is not None:
             head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), loop.clip_norm)
+        if loop.clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), loop.clip_norm)
         optimizer.step()
         if head_optimizer is not None:
             head_optimizer.step()
@@ -375,7 +376,9 @@ class PFedHNClient(NumPyClient):
         if self.local:
             head, optimizer = self._head()
             metrics["head-fingerprint-in"] = fingerprint(head)
-        metrics |= train_inner_loop(model, self.data, self.loop, generator, head, optimizer,
+        # The authors train the global model without clipping its gradients.
+        loop = replace(self.loop, clip_norm=None) if in_global_phase else self.loop
+        metrics |= train_inner_loop(model, self.data, loop, generator, head, optimizer,
                                     teacher, self.distillation)
         kept = {buffers: statistics} if (statistics := buffers_of(model)) else {}
         if self.local:

@@ -146,6 +146,23 @@ def test_global_phase_trains_the_global_model_and_personal_phase_distils_from_it
     assert not np.allclose(alone[0], distilled[0])
 
 
+def test_global_phase_trains_unclipped_as_the_authors_do_and_personal_phase_clips():
+    def fitted(clip_norm, config, thetas):
+        client = mh_client(1, "cnn", RecordDict(), global_model="cnn")
+        client.loop = InnerLoop(batch_size=32, weight_decay=5e-4, epochs=1, clip_norm=clip_norm)
+        return client.fit([t.numpy() for t in thetas], {"server-round": 1} | config)[0][0]
+
+    size = sum(p.numel() for p in make_client_model("cnn", **MNIST_ZOO).parameters())
+    theta = torch.randn(size, generator=torch.Generator().manual_seed(1)) * 0.05
+    tight, loose = 1e-4, None  # a clip far below the gradients' norm, and none
+    np.testing.assert_array_equal(fitted(tight, {"phase": "global"}, [theta]),
+                                  fitted(loose, {"phase": "global"}, [theta]))
+    # the personal phase (here distilling from the same theta) does clip
+    clipped = fitted(tight, {"distill": True}, [theta, theta])
+    assert np.abs(clipped).max() < 0.5 * np.abs(fitted(loose, {"distill": True},
+                                                       [theta, theta])).max()
+
+
 def test_epochs_are_shuffled_passes_with_a_smaller_last_batch():
     order, sizes = InnerLoop(batch_size=32, epochs=2).batches(70, torch.Generator())
     assert sizes == [32, 32, 6, 32, 32, 6]
