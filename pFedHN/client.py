@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
@@ -115,6 +116,9 @@ def train_inner_loop(
 ) -> dict[str, float]:
     """Run the round's SGD steps (``InnerLoop.batches``); return metrics.
 
+    The metrics: training loss and accuracy, the number of steps, how many of
+    them the gradient-norm clip shortened and the largest gradient norm seen.
+
     A fresh SGD optimizer each round (the authors'); pFedHN-PC's head keeps its
     own optimizer, whose momentum persists across rounds. With a ``teacher``
     (MH-pFedHNGD's global model) the loss is ``distillation.loss``.
@@ -127,6 +131,9 @@ def train_inner_loop(
     # Summed on the device: no host sync per step on a GPU.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    largest_norm = torch.zeros((), device=device)  # of the steps' gradients, before clipping
+    clipped = torch.zeros((), dtype=torch.long, device=device)  # steps the clip shortened
+    clip_norm = math.inf if loop.clip_norm is None else loop.clip_norm
     # All of the round's batches drawn up front from a CPU generator: the same
     # samples on every device, and one host-to-device copy instead of one per step
     # (each copy would make the host wait for the GPU).
@@ -147,15 +154,18 @@ def train_inner_loop(
         if head_optimizer is not None:
             head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if loop.clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), loop.clip_norm)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), clip_norm)  # inf: only measures
+        largest_norm = torch.maximum(largest_norm, norm)
+        clipped += norm > clip_norm
         optimizer.step()
         if head_optimizer is not None:
             head_optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
     seen = len(order)
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "steps": len(sizes), "clipped-steps": clipped.item(),
+            "largest-grad-norm": largest_norm.item()}
 
 
 @torch.inference_mode()

@@ -122,6 +122,8 @@ class RunRecorder:
         self.failed_rounds: list[int] = []  # rounds without a hypernetwork update
         self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason
         self.bytes = {"training_sent": 0, "training_received": 0, "evaluation_sent": 0}
+        # The clients' local SGD steps (personal training): how many the clip shortened.
+        self.local_steps = {"steps": 0, "clipped": 0, "largest_grad_norm": 0.0}
         self.last_round_bytes = {"sent": 0, "received": 0}
         self.start = time.perf_counter()
         self.earlier_wall_time_s = 0.0  # of the sessions before a resume
@@ -144,6 +146,11 @@ class RunRecorder:
                                  "received": server_metrics.get("bytes-received", 0)}
         self.bytes["training_sent"] += self.last_round_bytes["sent"]
         self.bytes["training_received"] += self.last_round_bytes["received"]
+        for m in client_metrics:
+            self.local_steps["steps"] += m.get("steps", 0)
+            self.local_steps["clipped"] += m.get("clipped-steps", 0)
+            self.local_steps["largest_grad_norm"] = max(self.local_steps["largest_grad_norm"],
+                                                        m.get("largest-grad-norm", 0.0))
         for rejected in server_metrics.get("rejected", []):
             self.client_failures.append({"round": server_round, **rejected})
         if not client_metrics:
@@ -176,7 +183,8 @@ class RunRecorder:
         """The history a resumed run continues from."""
         return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
                 "client_failures": self.client_failures, "rounds_completed": self.progress.n,
-                "wall_time_s": self.wall_time_s(), "bytes": self.bytes}
+                "wall_time_s": self.wall_time_s(), "bytes": self.bytes,
+                "local_steps": self.local_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the history of an interrupted run."""
@@ -185,6 +193,7 @@ class RunRecorder:
         self.client_failures = list(state["client_failures"])
         self.earlier_wall_time_s = state["wall_time_s"]
         self.bytes = dict(state.get("bytes", self.bytes))  # older checkpoints: from zero
+        self.local_steps = dict(state.get("local_steps", self.local_steps))
         self.progress.update(state["rounds_completed"])
 
     def wall_time_s(self) -> float:
@@ -209,6 +218,7 @@ class RunRecorder:
             "client_failures": self.client_failures,
             "training_check": self.check,
             "timing": self.timing(),
+            "local_steps": self.local_steps,
             "communication": {f"{k}_bytes": v for k, v in self.bytes.items()}
             | {f"last_training_round_{k}_bytes": v for k, v in self.last_round_bytes.items()},
             "environment": self.environment,

@@ -5,7 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+from pFedHN import checkpoint
+from pFedHN.config import client_architectures, compose_config, data_spec
+from pFedHN.dataset import federated_data
+from pFedHN.main import prepare
+from pFedHN.server import build_strategy
+from pFedHN.zoo import make_client_model
 from tests.conftest import REPO, TINY_OVERRIDES
 
 FIGURES = ("plain_round_s", "flower_round_s", "evaluation_round_s", "full_protocol_estimate_s")
@@ -38,3 +45,46 @@ def test_round_cost_writes_its_figures_without_machine_paths_and_renders_a_row(t
     assert ("`cost.json` (10 clients, 6 rounds, poll_interval 0.01, inline_bytes 4194304)"
             in text)
     assert f"| {figures['flower_over_plain']:.2f} |" in text
+
+
+def mh_run_dir(run_dir, overrides):
+    """A run directory as an MH-pFedHNGD run leaves it, its checkpoint written directly."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    settings = prepare(compose_config(overrides))
+    strategy = build_strategy(settings)
+    if settings.variant.multi_head:  # the sizes its clients would report
+        sizes = [sum(p.numel() for p in make_client_model(name, 1, 10, 28).parameters())
+                 for name in client_architectures(settings)]
+        strategy.client_sizes = dict(enumerate(sizes))
+        strategy._use(strategy.make_hnet(sizes))
+    checkpoint.save(run_dir, settings, 1, strategy=strategy.state_dict(1), recorder={})
+    return settings
+
+
+def test_clip_check_counts_every_step_and_visit_and_what_the_clip_would_shorten(tmp_path):
+    tight = ["client.clip_norm=1e-4", "server.clip_norm=1e-6"]  # every step, every visit
+    settings = mh_run_dir(tmp_path / "run", TINY_OVERRIDES + [
+        "algorithm=mh_pfedhngd", "num_clients=3",
+        "model.architectures=[mh-cnn,mh-vgg8,mh-resnet10]", *tight])
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "clip_check.py"),
+                    str(tmp_path / "run"), "--json", str(tmp_path / "clip.json")],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    figures = json.loads((tmp_path / "clip.json").read_text())
+    data = federated_data(data_spec(settings), settings.dataset.root, settings.split)
+    batches = sum(-(-len(data[i].train_y) // settings.client.batch_size) for i in range(3))
+    initial, saved = figures["global_phase"]["round 0"], figures["global_phase"]["round 1"]
+    assert initial == saved  # the saved hypernetwork is the run's initial one, rebuilt alike
+    assert saved["steps"] == saved["clipped"] == batches and saved["largest_grad_norm"] > 1e-4
+    for start in ("trained embedding", "fresh embedding"):
+        found = figures["novel_phase"][start]
+        assert found["visits"] == found["above_clip"] == 3
+        assert 1e-6 < found["median_norm"] <= found["largest_norm"]
+
+
+def test_clip_check_refuses_a_run_without_several_architectures(tmp_path):
+    mh_run_dir(tmp_path / "run", TINY_OVERRIDES)  # pFedHN
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "clip_check.py"),
+                           str(tmp_path / "run")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode != 0 and "algorithm=mh_pfedhn" in done.stderr

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import RecordDict
@@ -12,8 +13,10 @@ KW = {"in_channels": 1, "n_kernels": 7, "out_dim": 10, "input_size": 28}
 LOOP = InnerLoop(steps=20, batch_size=16)
 
 
-def manual_inner_loop(theta, data, seed, device="cpu"):
-    """The paper's inner loop written out by hand: fresh SGD, random batches, clip 50."""
+def manual_inner_loop(theta, data, seed, device="cpu", clip=50.0, norms=None):
+    """The paper's inner loop written out by hand: fresh SGD, random batches, clip 50.
+
+    ``norms``: a list that gets every step's gradient norm, before clipping."""
     model = CNNTarget(**KW).to(device)
     model.load_state_dict(theta)
     data = data.to(device)
@@ -25,7 +28,13 @@ def manual_inner_loop(theta, data, seed, device="cpu"):
         loss = F.cross_entropy(model(x), data.train_y[idx])
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 50)
+        grads = [p.grad for p in model.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if norms is not None:
+            norms.append(norm.item())
+        if norm > clip:
+            for g in grads:
+                g.mul_(clip / (norm + 1e-6))
         opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -55,6 +64,26 @@ def test_delta_theta_is_theta_minus_trained_and_matches_manual_loop(device):
         torch.testing.assert_close(before - torch.from_numpy(d), trained[name].cpu(),
                                    rtol=1e-5, atol=1e-6)
     assert max(np.abs(d).max() for d in delta) > 1e-4  # it did train
+
+
+def test_fit_reports_its_steps_how_many_were_clipped_and_the_largest_gradient_norm():
+    torch.manual_seed(0)
+    theta = {k: v.detach().clone() for k, v in CNNTarget(**KW).state_dict().items()}
+    client, data = make_client()
+    norms = []
+    manual_inner_loop(theta, data, derive_seed(7, 3, 5), clip=float("inf"), norms=norms)
+    clip = float(np.median(norms))  # a clip that shortens about half of the steps
+    client.loop = InnerLoop(steps=20, batch_size=16, clip_norm=clip)
+    delta, _, metrics = client.fit([v.numpy().copy() for v in theta.values()],
+                                   {"server-round": 5})
+    norms = []
+    trained = manual_inner_loop(theta, data, derive_seed(7, 3, 5), clip=clip, norms=norms)
+    assert metrics["steps"] == LOOP.steps
+    assert 0 < metrics["clipped-steps"] == sum(n > clip for n in norms) < LOOP.steps
+    assert metrics["largest-grad-norm"] == pytest.approx(max(norms), rel=1e-4)
+    for (name, before), d in zip(theta.items(), delta, strict=True):
+        torch.testing.assert_close(before - torch.from_numpy(d), trained[name],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_inner_loop_seed_depends_on_round_and_partition():

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pFedHN.dataset import DATASETS, SplitSettings, federated_data
-from pFedHN.results import END, START, main, summarize
+from pFedHN.results import END, START, RunRecorder, main, summarize
 from tests.conftest import REPO, TINY_MNIST
 
 FIXTURE_RUNS = REPO / "tests" / "fixtures" / "runs"
@@ -31,6 +31,24 @@ def workspace(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n## Results\n\n{START}\nold table\n{END}\n\n## After\n")
     return readme, static
+
+
+def test_local_steps_and_clipped_ones_are_tallied_over_rounds_and_survive_a_resume(tmp_path):
+    def client(steps, clipped, largest):
+        return {"steps": steps, "clipped-steps": clipped, "largest-grad-norm": largest}
+
+    recorder = RunRecorder(tmp_path, 4, "tally")
+    recorder.on_fit(1, [client(12, 0, 3.5), client(12, 2, 61.0)], {})
+    recorder.on_fit(2, [client(12, 1, 55.0)], {})
+    saved = recorder.state_dict()
+    recorder.close()
+    resumed = RunRecorder(tmp_path, 4, "tally")
+    resumed.load_state_dict(saved)
+    resumed.on_fit(3, [client(9, 0, 7.0)], {})
+    resumed.save()
+    resumed.close()
+    tally = json.loads((tmp_path / "results.json").read_text())["local_steps"]
+    assert tally == {"steps": 45, "clipped": 3, "largest_grad_norm": 61.0}
 
 
 def test_table_is_regenerated_from_the_summaries_and_is_stable(workspace):
