@@ -122,8 +122,9 @@ class RunRecorder:
         self.failed_rounds: list[int] = []  # rounds without a hypernetwork update
         self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason
         self.bytes = {"training_sent": 0, "training_received": 0, "evaluation_sent": 0}
-        # The clients' local SGD steps (personal training): how many the clip shortened.
-        self.local_steps = {"steps": 0, "clipped": 0, "largest_grad_norm": 0.0}
+        # The clients' local SGD steps (personal training) from round ``from_round`` on:
+        # how many the clip shortened.
+        self.local_steps = {"steps": 0, "clipped": 0, "largest_grad_norm": 0.0, "from_round": 0}
         self.last_round_bytes = {"sent": 0, "received": 0}
         self.start = time.perf_counter()
         self.earlier_wall_time_s = 0.0  # of the sessions before a resume
@@ -193,7 +194,9 @@ class RunRecorder:
         self.client_failures = list(state["client_failures"])
         self.earlier_wall_time_s = state["wall_time_s"]
         self.bytes = dict(state.get("bytes", self.bytes))  # older checkpoints: from zero
-        self.local_steps = dict(state.get("local_steps", self.local_steps))
+        # Checkpoints older than the tally: it counts from the resumed round.
+        self.local_steps = dict(state.get("local_steps", self.local_steps
+                                          | {"from_round": state["rounds_completed"]}))
         self.progress.update(state["rounds_completed"])
 
     def wall_time_s(self) -> float:

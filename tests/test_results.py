@@ -48,7 +48,13 @@ def test_local_steps_and_clipped_ones_are_tallied_over_rounds_and_survive_a_resu
     resumed.save()
     resumed.close()
     tally = json.loads((tmp_path / "results.json").read_text())["local_steps"]
-    assert tally == {"steps": 45, "clipped": 3, "largest_grad_norm": 61.0}
+    assert tally == {"steps": 45, "clipped": 3, "largest_grad_norm": 61.0, "from_round": 0}
+    older = RunRecorder(tmp_path, 4, "tally")  # a checkpoint from before the tally
+    older.load_state_dict({k: v for k, v in saved.items() if k != "local_steps"})
+    older.on_fit(3, [client(9, 0, 7.0)], {})
+    assert older.local_steps == {"steps": 9, "clipped": 0, "largest_grad_norm": 7.0,
+                                 "from_round": 2}
+    older.close()
 
 
 def test_table_is_regenerated_from_the_summaries_and_is_stable(workspace):
