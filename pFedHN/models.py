@@ -215,6 +215,46 @@ class MHHyper(nn.Module):
             for n in sorted(set(self.chunks))
         })
 
+    def vjp(
+        self, partition_id: int, delta_theta: torch.Tensor, wrt: set[nn.Parameter]
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        """(d theta_i / d p)^T delta_theta for the parameters ``p`` in ``wrt`` theta_i uses.
+
+        What autograd computes through ``forward``, with the head's part written
+        out: for chunks = W f + b, the weights get delta f^T, the biases delta,
+        the features W^T delta (then autograd through trunk and embedding). A
+        fresh head-sized gradient (30 M numbers for the authors' CNN) costs more
+        to allocate than to fill, so the weights' gradient is written into a
+        buffer kept across calls: it is valid until the next call.
+        """
+        n = self.chunks[partition_id]
+        weights, biases = self.head(n)
+        delta = torch.zeros(n * self.chunk_size, device=weights.device, dtype=weights.dtype)
+        delta[: self.sizes[partition_id]] = delta_theta  # the cut-off tail has no effect
+        delta = delta.view(n, self.chunk_size)
+        embedding = self.embeddings[partition_id]
+        features = self.trunk(embedding)  # n x hidden
+        grads = {}
+        if weights in wrt:
+            grads[weights] = torch.mul(delta.unsqueeze(2), features.detach().unsqueeze(1),
+                                       out=self._weight_gradient_buffer(n))
+        if biases in wrt:
+            grads[biases] = delta
+        upstream = [p for p in (embedding, *self.trunk.parameters()) if p in wrt]
+        if upstream:
+            grad_features = torch.bmm(delta.unsqueeze(1), weights.detach()).squeeze(1)
+            grads |= zip(upstream, torch.autograd.grad(features, upstream, grad_features),
+                         strict=True)
+        return grads
+
+    def _weight_gradient_buffer(self, chunk_count: int) -> torch.Tensor:
+        """The first ``chunk_count`` rows of one buffer as large as the largest head."""
+        weights = self.head_weights[str(max(self.chunks))]
+        buffer = getattr(self, "_gradient_buffer", None)
+        if buffer is None or buffer.device != weights.device or buffer.dtype != weights.dtype:
+            buffer = self._gradient_buffer = torch.empty_like(weights)
+        return buffer[:chunk_count]
+
     def head(self, chunk_count: int) -> tuple[nn.Parameter, nn.Parameter]:
         """The head (weights, biases) of the clients with ``chunk_count`` chunks."""
         return self.head_weights[str(chunk_count)], self.head_biases[str(chunk_count)]

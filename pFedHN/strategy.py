@@ -226,22 +226,27 @@ class PFedHNStrategy(Strategy):
     def update(
         self, partition_ids: Sequence[int], delta_thetas: Sequence[list[np.ndarray]]
     ) -> None:
-        """Step phi along clip(mean_i (d theta_i / d phi)^T delta_theta_i) with outer SGD.
+        """Step phi along clip(mean_i (d theta_i / d phi)^T delta_theta_i) with the outer optimizer.
 
         One vector-Jacobian product over all clients of the round; with the
         authors' one client per round it is exactly their update.
         """
-        thetas, deltas = [], []
-        for partition_id, delta_theta in zip(partition_ids, delta_thetas, strict=True):
-            theta = self.hnet(partition_id)
-            thetas += theta.values()
-            deltas += [torch.from_numpy(d).to(self.device) for d in delta_theta]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        deltas = [[torch.from_numpy(d).to(self.device) for d in delta_theta]
+                  for delta_theta in delta_thetas]
         # Unused parameters (MH-pFedHN: other clients' embeddings and heads) get no
         # gradient, so the optimizer leaves them alone, weight decay included.
-        grads = torch.autograd.grad(thetas, params, grad_outputs=deltas, allow_unused=True)
-        if len(partition_ids) > 1:  # (one client: skip a pass over MH-pFedHN's large heads)
-            grads = [None if g is None else g / len(partition_ids) for g in grads]
+        if isinstance(self.hnet, MHHyper) and len(partition_ids) == 1:
+            # MH-pFedHN's step after each client visit: the same VJP, written out for
+            # the head, several times faster (docs/performance.md)
+            grads_of = self.hnet.vjp(partition_ids[0], deltas[0][0], set(params))
+            grads = [grads_of.get(p) for p in params]
+        else:
+            thetas = [t for i in partition_ids for t in self.hnet(i).values()]
+            grads = torch.autograd.grad(thetas, params, allow_unused=True,
+                                        grad_outputs=[d for ds in deltas for d in ds])
+            if len(partition_ids) > 1:  # the mean (one client: spare a pass over them)
+                grads = [None if g is None else g / len(partition_ids) for g in grads]
         for param, grad in zip(params, grads, strict=True):
             # Contiguous: torch's fused CPU Adam (2.14) misreads strided gradients, such
             # as those of MH-pFedHN's batched heads, and they slow every kernel down.

@@ -88,3 +88,15 @@ def test_clip_check_refuses_a_run_without_several_architectures(tmp_path):
                            str(tmp_path / "run")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode != 0 and "algorithm=mh_pfedhn" in done.stderr
+
+
+def test_server_visit_times_both_gradients_and_finds_them_equal(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "server_visit.py"), "--visits",
+                    "2", "--json", str(tmp_path / "visit.json")],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    figures = json.loads((tmp_path / "visit.json").read_text())
+    assert figures["clients"] == 50 and figures["hypernetwork_parameters"] == 30_801_920
+    assert figures["largest_gradient_difference"] < 1e-6
+    assert figures["autograd_over_written_out"] == pytest.approx(
+        figures["autograd_gradient_s"] / figures["written_out_gradient_s"])
+    assert figures["visit_s"] > figures["written_out_gradient_s"] > 0

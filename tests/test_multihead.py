@@ -71,6 +71,24 @@ def test_update_equals_autograd_for_a_heterogeneous_pair():
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_written_out_vjp_equals_autograds_for_exactly_the_parameters_asked_for():
+    torch.manual_seed(0)
+    hnet = MHHyper([1000, 3000, 900], chunk_size=256, embedding_dim=8, hidden_dim=16)
+    everything = set(hnet.parameters())
+    for i in (1, 0, 2, 1):  # heads of 12 and 4 chunks in turn: one buffer serves both
+        delta = torch.randn(hnet.sizes[i])
+        ours = hnet.vjp(i, delta, everything)
+        uses = {hnet.embeddings[i], *hnet.trunk.parameters(), *hnet.head(hnet.chunks[i])}
+        assert set(ours) == uses
+        used = [p for p in hnet.parameters() if p in uses]
+        expected = torch.autograd.grad(hnet(i)["theta"], used, delta)
+        for param, grad in zip(used, expected, strict=True):
+            torch.testing.assert_close(ours[param], grad, rtol=1e-5, atol=1e-7)
+    # the novel phase asks for embeddings only: no head gradient is made
+    asked = {hnet.embeddings[0], hnet.embeddings[1]}
+    assert list(hnet.vjp(0, torch.randn(1000), asked)) == [hnet.embeddings[0]]
+
+
 def test_a_delta_of_another_clients_size_is_rejected():
     strategy = PFedHNStrategy(MHHyper([1000, 3000], chunk_size=256), num_clients=2,
                               num_rounds=5)
