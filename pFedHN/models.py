@@ -214,6 +214,7 @@ class MHHyper(nn.Module):
             str(n): nn.Parameter(torch.empty(n, chunk_size).uniform_(-bound, bound))
             for n in sorted(set(self.chunks))
         })
+        self._gradient_buffer: torch.Tensor | None = None  # see vjp
 
     def vjp(
         self, partition_id: int, delta_theta: torch.Tensor, wrt: set[nn.Parameter]
@@ -250,7 +251,7 @@ class MHHyper(nn.Module):
     def _weight_gradient_buffer(self, chunk_count: int) -> torch.Tensor:
         """The first ``chunk_count`` rows of one buffer as large as the largest head."""
         weights = self.head_weights[str(max(self.chunks))]
-        buffer = getattr(self, "_gradient_buffer", None)
+        buffer = self._gradient_buffer
         if buffer is None or buffer.device != weights.device or buffer.dtype != weights.dtype:
             buffer = self._gradient_buffer = torch.empty_like(weights)
         return buffer[:chunk_count]
