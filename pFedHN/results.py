@@ -185,7 +185,7 @@ class RunRecorder:
         return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
                 "client_failures": self.client_failures, "rounds_completed": self.progress.n,
                 "wall_time_s": self.wall_time_s(), "bytes": self.bytes,
-                "local_steps": self.local_steps}
+                "local_steps": self.local_steps, "round_times": self.round_times}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the history of an interrupted run."""
@@ -194,6 +194,7 @@ class RunRecorder:
         self.client_failures = list(state["client_failures"])
         self.earlier_wall_time_s = state["wall_time_s"]
         self.bytes = dict(state.get("bytes", self.bytes))  # older checkpoints: from zero
+        self.round_times = list(state.get("round_times", []))  # older: from the resume on
         # Checkpoints older than the tally: it counts from the resumed round.
         self.local_steps = dict(state.get("local_steps", self.local_steps
                                           | {"from_round": state["rounds_completed"]}))

@@ -33,7 +33,7 @@ def workspace(tmp_path):
     return readme, static
 
 
-def test_local_steps_and_clipped_ones_are_tallied_over_rounds_and_survive_a_resume(tmp_path):
+def test_local_steps_clipped_ones_and_round_times_are_kept_over_rounds_and_a_resume(tmp_path):
     def client(steps, clipped, largest):
         return {"steps": steps, "clipped-steps": clipped, "largest-grad-norm": largest}
 
@@ -45,6 +45,8 @@ def test_local_steps_and_clipped_ones_are_tallied_over_rounds_and_survive_a_resu
     resumed = RunRecorder(tmp_path, 4, "tally")
     resumed.load_state_dict(saved)
     resumed.on_fit(3, [client(9, 0, 7.0)], {})
+    # round 2's time, kept (round 3, the first after a resume, includes the start-up)
+    assert len(resumed.round_times) == 1
     resumed.save()
     resumed.close()
     tally = json.loads((tmp_path / "results.json").read_text())["local_steps"]
