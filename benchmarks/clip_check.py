@@ -60,7 +60,7 @@ def run_settings(run_dir: Path) -> Settings:
 def zoo_model(settings: Settings, name: str, theta: torch.Tensor) -> torch.nn.Module:
     """Zoo network ``name`` holding the flat ``theta`` (cut in parameter order, as clients do)."""
     model = make_client_model(name, settings.model.in_channels, settings.model.out_dim,
-                              data_spec(settings).image_size)
+                              data_spec(settings, on_disk=False).image_size)
     torch.nn.utils.vector_to_parameters(theta.detach().clone(), model.parameters())
     return model
 
