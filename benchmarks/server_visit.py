@@ -65,7 +65,7 @@ def main() -> None:
         by_autograd = torch.autograd.grad(hnet(i)["theta"], params, delta, allow_unused=True)
         by_autograd = [None if g is None else g.contiguous() for g in by_autograd]
         middle = time.perf_counter()
-        written_out = hnet.vjp(i, delta, set(params))
+        written_out = hnet.vjp(i, [delta], set(params))
         end = time.perf_counter()
         largest_difference = max(largest_difference, *(
             (written_out[p] - g).abs().max().item()

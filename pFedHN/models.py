@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -160,6 +160,19 @@ class CNNHyper(nn.Module):
             for name, shape in self.target_shapes.items()
         )
 
+    def vjp(
+        self, partition_id: int, delta_theta: Sequence[torch.Tensor], wrt: set[nn.Parameter]
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        """(d theta_i / d p)^T delta_theta for the parameters ``p`` in ``wrt`` theta_i uses.
+
+        ``delta_theta`` lists one tensor per generated tensor, in ``forward``'s
+        order. Plain autograd: every client uses every head.
+        """
+        params = list(wrt)
+        grads = torch.autograd.grad(list(self(partition_id).values()), params,
+                                    grad_outputs=list(delta_theta), allow_unused=True)
+        return {p: g for p, g in zip(params, grads, strict=True) if g is not None}
+
     def forward_many(self, partition_ids: list[int]) -> list[OrderedDict[str, torch.Tensor]]:
         """``forward`` for several clients with one pass over the heads' weights.
 
@@ -217,10 +230,11 @@ class MHHyper(nn.Module):
         self._gradient_buffer: torch.Tensor | None = None  # see vjp
 
     def vjp(
-        self, partition_id: int, delta_theta: torch.Tensor, wrt: set[nn.Parameter]
+        self, partition_id: int, delta_theta: Sequence[torch.Tensor], wrt: set[nn.Parameter]
     ) -> dict[nn.Parameter, torch.Tensor]:
         """(d theta_i / d p)^T delta_theta for the parameters ``p`` in ``wrt`` theta_i uses.
 
+        ``delta_theta`` is ``[flat delta]``, as ``forward`` returns one tensor.
         What autograd computes through ``forward``, with the head's part written
         out: for chunks = W f + b, the weights get delta f^T, the biases delta,
         the features W^T delta (then autograd through trunk and embedding). A
@@ -231,7 +245,8 @@ class MHHyper(nn.Module):
         n = self.chunks[partition_id]
         weights, biases = self.head(n)
         delta = torch.zeros(n * self.chunk_size, device=weights.device, dtype=weights.dtype)
-        delta[: self.sizes[partition_id]] = delta_theta  # the cut-off tail has no effect
+        (flat_delta,) = delta_theta
+        delta[: self.sizes[partition_id]] = flat_delta  # the cut-off tail has no effect
         delta = delta.view(n, self.chunk_size)
         embedding = self.embeddings[partition_id]
         features = self.trunk(embedding)  # n x hidden

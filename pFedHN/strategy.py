@@ -236,10 +236,10 @@ class PFedHNStrategy(Strategy):
                   for delta_theta in delta_thetas]
         # Unused parameters (MH-pFedHN: other clients' embeddings and heads) get no
         # gradient, so the optimizer leaves them alone, weight decay included.
-        if isinstance(self.hnet, MHHyper) and len(partition_ids) == 1:
-            # MH-pFedHN's step after each client visit: the same VJP, written out for
-            # the head, several times faster (docs/performance.md)
-            grads_of = self.hnet.vjp(partition_ids[0], deltas[0][0], set(params))
+        if len(partition_ids) == 1:
+            # The hypernetwork's own VJP: MH-pFedHN's writes the head's part out,
+            # several times faster than autograd (docs/performance.md).
+            grads_of = self.hnet.vjp(partition_ids[0], deltas[0], set(params))
             grads = [grads_of.get(p) for p in params]
         else:
             thetas = [t for i in partition_ids for t in self.hnet(i).values()]

@@ -77,7 +77,7 @@ def test_written_out_vjp_equals_autograds_for_exactly_the_parameters_asked_for()
     everything = set(hnet.parameters())
     for i in (1, 0, 2, 1):  # heads of 12 and 4 chunks in turn: one buffer serves both
         delta = torch.randn(hnet.sizes[i])
-        ours = hnet.vjp(i, delta, everything)
+        ours = hnet.vjp(i, [delta], everything)
         uses = {hnet.embeddings[i], *hnet.trunk.parameters(), *hnet.head(hnet.chunks[i])}
         assert set(ours) == uses
         used = [p for p in hnet.parameters() if p in uses]
@@ -86,7 +86,7 @@ def test_written_out_vjp_equals_autograds_for_exactly_the_parameters_asked_for()
             torch.testing.assert_close(ours[param], grad, rtol=1e-5, atol=1e-7)
     # the novel phase asks for embeddings only: no head gradient is made
     asked = {hnet.embeddings[0], hnet.embeddings[1]}
-    assert list(hnet.vjp(0, torch.randn(1000), asked)) == [hnet.embeddings[0]]
+    assert list(hnet.vjp(0, [torch.randn(1000)], asked)) == [hnet.embeddings[0]]
 
 
 def test_a_delta_of_another_clients_size_is_rejected():
