@@ -426,7 +426,7 @@ class _Group:
 
     cfg: Any
     results: list[dict[str, Any]]
-    rounds: str  # "500", or "130 of 500" while the run is unfinished
+    rounds: str  # "500", or "130 of 500" while the run is unfinished, with any failures
     seeds: str
     names: str
 
@@ -434,7 +434,13 @@ class _Group:
     def of(cls, runs: list[dict[str, Any]], num_rounds: int, finished: bool) -> _Group:
         results = [r["results"] for r in runs]
         done = results[0].get("rounds_completed", num_rounds)
-        return cls(runs[0]["cfg"], results, f"{done}" if finished else f"{done} of {num_rounds}",
+        rounds = f"{done}" if finished else f"{done} of {num_rounds}"
+        # Never silent: rounds whose updates were lost change what "500 rounds" means.
+        failed = sum(len(r.get("failed_rounds", [])) for r in results)
+        lost = sum(len(r.get("client_failures", [])) for r in results)
+        if failed or lost:
+            rounds += f" ({failed} failed, {lost} client results lost)"
+        return cls(runs[0]["cfg"], results, rounds,
                    ", ".join(str(r["cfg"].seed) for r in runs),
                    ", ".join(f"`{r['name']}`" for r in runs))
 
@@ -550,7 +556,10 @@ def regenerate(runs_dir: Path, readme: Path, static_dir: Path) -> None:
         "`_static/runs/` (each: `config.yaml` and `results.json`). Headline: test "
         "accuracy at the round of best pooled validation accuracy; mean ± standard "
         "deviation over the seeds listed. Split: `ours` is this package's seeded split, "
-        "`authors'` the authors' code's split for the same seed (`client.partition=authors`).",
+        "`authors'` the authors' code's split for the same seed (`client.partition=authors`). "
+        "Rounds: a bracket counts the rounds in which no client's update reached the "
+        "hypernetwork and the client results lost (crashed or rejected clients, each "
+        "listed in the run's `results.json`).",
         "",
         results_table(summaries),
         *(["", "MH-pFedHN and MH-pFedHNGD, on the MH-pFedHN authors' protocol (every client "

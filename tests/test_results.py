@@ -145,6 +145,20 @@ def test_missing_markers_are_refused(tmp_path, workspace):
         main(["--readme", str(readme), "--static", str(static)])
 
 
+def test_failed_rounds_and_lost_client_results_are_shown_beside_the_rounds(workspace):
+    readme, static = workspace
+    path = static / "runs" / "tiny_mnist_pfedhn" / "results.json"
+    results = json.loads(path.read_text())
+    results["failed_rounds"] = [9, 10]
+    results["client_failures"] = [{"round": r, "partition_id": p, "reason": "crashed"}
+                                  for r, p in [(8, 1), (9, 0), (10, 3)]]
+    path.write_text(json.dumps(results))
+    main(["--readme", str(readme), "--static", str(static)])
+    row = next(line for line in readme.read_text().splitlines()
+               if "`tiny_mnist_pfedhn`" in line and line.startswith("| MNIST | 5 |"))
+    assert "| ours | 20 (2 failed, 3 client results lost) | 42 |" in row
+
+
 def test_mh_runs_get_their_own_table_with_both_accuracies_cost_and_memory(workspace):
     readme, static = workspace
     runs = static / "runs"
