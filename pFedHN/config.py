@@ -146,6 +146,8 @@ def _validate(settings: Settings, on_disk: bool) -> None:
     if settings.server.round_timeout is not None:
         _positive(settings, "server.round_timeout")
     _positive(settings, "server.node_timeout")
+    if settings.server.max_failed_rounds is not None:
+        _positive(settings, "server.max_failed_rounds", int)
     if not isinstance(settings.server.fused_adam, bool):
         _fail("server.fused_adam", settings.server.fused_adam, "true (torch's fused Adam kernel) "
               "or false (its default kernel)")

@@ -38,7 +38,7 @@ from pFedHN.novel import distribution_shift, novel_summary, plot_novel
 from pFedHN.results import RunRecorder
 from pFedHN.server import build_strategy, server_components
 from pFedHN.settings import ConfigError, Settings
-from pFedHN.strategy import PFedHNStrategy
+from pFedHN.strategy import PFedHNStrategy, RoundsFailingError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ def start_experiment(settings: Settings, run_dir: str | Path,
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
         recorder.on_fit(server_round, client_metrics, server_metrics)
-        if checkpoint.TRAINING.due(settings, server_round):
+        if not client_metrics:  # no update: say so in results.json now, and write
+            recorder.save()     # no checkpoint at this round (a resume redoes it)
+        elif checkpoint.TRAINING.due(settings, server_round):
             # results.json has it as the run goes, refreshed when a checkpoint is written
             recorder.server_memory = server_memory(strategy)
             checkpoint.save(run_dir, settings, server_round,
@@ -300,8 +302,8 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
         summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
         write_json_atomic(run_dir / "results.json", results | {"novel_clients": summary})
 
-    def on_fit(server_round: int, *_: object) -> None:
-        if checkpoint.NOVEL.due(settings, server_round):
+    def on_fit(server_round: int, client_metrics: list[dict], *_: object) -> None:
+        if client_metrics and checkpoint.NOVEL.due(settings, server_round):
             checkpoint.save(run_dir, settings, server_round, checkpoint.NOVEL,
                             strategy=strategy.state_dict(server_round),
                             recorder={"evaluations": evaluations})
@@ -326,8 +328,8 @@ def main(cfg: DictConfig) -> None:
     """Run the config Hydra composed, in Hydra's run directory."""
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, DataNotFoundError, CheckpointError) as error:
-        # A one-line message, not a traceback: the user's input is at fault.
+    except (ConfigError, DataNotFoundError, CheckpointError, RoundsFailingError) as error:
+        # A one-line message, not a traceback: the user's input, or the clients, at fault.
         log.error("%s", error)
         raise SystemExit(f"error: {error}") from None
 

@@ -104,7 +104,8 @@ def build_strategy(settings: Settings, **callbacks) -> PFedHNStrategy:
         training_clients=settings.num_clients, optimizer=server.optimizer,
         make_hnet=partial(build_multihead_hypernetwork, settings) if variant.multi_head else None,
         global_model=variant.global_model, sequential=server.sequential,
-        node_timeout=server.node_timeout, fused_adam=server.fused_adam, **callbacks,
+        node_timeout=server.node_timeout, fused_adam=server.fused_adam,
+        max_failed_rounds=server.max_failed_rounds, **callbacks,
     )
 
 

@@ -112,6 +112,7 @@ class ServerSettings:
     round_timeout: float | None
     node_timeout: float
     fused_adam: bool
+    max_failed_rounds: int | None
 
 
 @dataclass(frozen=True)

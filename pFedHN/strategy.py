@@ -50,6 +50,10 @@ class FederationTooSmallError(RuntimeError):
     """Fewer Flower nodes than partitions: the run would wait for ever."""
 
 
+class RoundsFailingError(RuntimeError):
+    """Rounds in a row without any client's result: the clients or their backend are gone."""
+
+
 def wait_for_nodes(client_manager: ClientManager, needed: int, timeout_s: float) -> None:
     """Return once ``needed`` nodes are connected; raise after ``timeout_s`` seconds.
 
@@ -168,6 +172,7 @@ class PFedHNStrategy(Strategy):
         sequential: bool = False,
         node_timeout: float = 15.0,
         fused_adam: bool = False,
+        max_failed_rounds: int | None = None,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
@@ -176,6 +181,9 @@ class PFedHNStrategy(Strategy):
         self.global_id = num_clients if global_model else None  # the virtual client
         self.num_clients = num_clients  # Flower nodes, one per partition
         self.node_timeout = node_timeout  # seconds the first round waits for them
+        # Stop after this many rounds in a row without an update (None: never stop).
+        self.max_failed_rounds = max_failed_rounds
+        self._failed_in_a_row = 0
         # The partitions sampled for training and evaluated; the rest are novel clients.
         self.clients = list(range(training_clients or num_clients))
         self.clients_per_round = clients_per_round
@@ -390,10 +398,28 @@ class PFedHNStrategy(Strategy):
         return exchanges + [Exchange("personal", clients) for clients in personal]
 
     def end_round(self, server_round: int) -> None:
-        """Report the round once, all its exchanges together (Flower's count)."""
+        """Report the round once, all its exchanges together (Flower's count).
+
+        After ``max_failed_rounds`` rounds in a row in which no client's result
+        reached the hypernetwork, stop the run: a dead simulation backend or
+        federation would otherwise race through the remaining rounds in seconds.
+        """
         round_log, self._round_log = self._round_log, _empty_round_log()
+        server_round += self.start_round
+        clients = round_log.pop("clients")
         if self.on_fit is not None:
-            self.on_fit(server_round + self.start_round, round_log.pop("clients"), round_log)
+            self.on_fit(server_round, clients, round_log)
+        self._failed_in_a_row = 0 if clients else self._failed_in_a_row + 1
+        if self.max_failed_rounds is not None and \
+                self._failed_in_a_row >= self.max_failed_rounds:
+            reason = round_log["rejected"][-1]["reason"] if round_log["rejected"] else "no reply"
+            raise RoundsFailingError(
+                f"rounds {server_round - self._failed_in_a_row + 1}-{server_round}: no "
+                f"client's result reached the hypernetwork (the last reason: "
+                f"{reason[:300]}). Stopped by server.max_failed_rounds="
+                f"{self.max_failed_rounds} (null: never stop). Rounds without an update "
+                f"write no checkpoint: once the clients are back, resume=<run dir> goes "
+                f"on from the last one.")
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -97,6 +97,8 @@ def test_defaults_are_the_authors_cifar10_setting():
     ("client.batch_size=0", "client.batch_size"),
     ("eval_every=1000", "eval_every"),
     ("server.node_timeout=0", "server.node_timeout"),
+    ("server.max_failed_rounds=0", "server.max_failed_rounds"),
+    ("server.max_failed_rounds=1.5", "server.max_failed_rounds"),
     ("server.fused_adam=maybe", "server.fused_adam"),
     ("simulation.poll_interval=-0.1", "simulation.poll_interval"),
     ("simulation.inline_bytes=0.5", "simulation.inline_bytes"),

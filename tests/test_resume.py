@@ -12,8 +12,10 @@ import torch
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
+from pFedHN.main import start_experiment
 from pFedHN.server import build_strategy
 from pFedHN.settings import Settings
+from pFedHN.strategy import RoundsFailingError
 from tests.conftest import REPO, TINY_OVERRIDES, compose_config
 
 SMALL = TINY_OVERRIDES + ["num_clients=4", "num_rounds=24", "eval_every=8",
@@ -106,7 +108,7 @@ def test_checkpoint_of_another_experiment_is_refused_naming_the_setting(saved_ru
     "server.round_timeout=60", "novel.rounds=7", "novel.lr=0.5",
     # the novel phase's settings: one trained run serves every novel setting
     "novel.optimizer=adam", "novel.eval_every=5", "novel.dirichlet_alpha=0.1",
-    "server.node_timeout=30", "simulation.poll_interval=null",
+    "server.node_timeout=30", "simulation.poll_interval=null", "server.max_failed_rounds=9",
 ])
 def test_checkpoint_identity_leaves_out_run_length_places_and_hardware(saved_run, override):
     run_dir, _ = saved_run
@@ -144,3 +146,24 @@ def test_strategy_state_round_trips(saved_run):
     for a, b in zip(fresh.hnet.parameters(), reference.hnet.parameters(), strict=True):
         assert torch.equal(a, b)
     assert fresh.rng.integers(1000) == reference.rng.integers(1000)
+
+
+def test_a_round_without_updates_writes_no_checkpoint_and_enough_in_a_row_stop_the_run(
+        tmp_path):
+    settings = small_settings("checkpoint_every=1", "server.max_failed_rounds=2")
+    strategy = start_experiment(settings, tmp_path).strategy
+
+    def play(server_round, updated):
+        # what aggregate_fit leaves for end_round: the metrics of the clients that updated
+        strategy._round_log["clients"] = [{"train_loss": 1.0, "steps": 3}] if updated else []
+        strategy.end_round(server_round)
+        return checkpoint.load(tmp_path, settings)["round"]
+
+    assert play(1, True) == 1
+    assert play(2, False) == 1  # no update, no checkpoint
+    assert play(3, True) == 3  # an update ends the streak
+    assert play(4, False) == 3
+    with pytest.raises(RoundsFailingError, match=r"rounds 4-5: .*server\.max_failed_rounds=2"):
+        play(5, False)
+    assert checkpoint.load(tmp_path, settings)["round"] == 3
+    assert json.loads((tmp_path / "results.json").read_text())["failed_rounds"] == [2, 4, 5]
