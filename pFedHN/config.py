@@ -341,6 +341,22 @@ def client_architectures(settings: Settings) -> list[str]:
     return assign_architectures(choice, settings.partitions)
 
 
+def network_names(settings: Settings) -> dict[int, str]:
+    """MH-pFedHN: the configured networks' names by parameter count.
+
+    A size is all the server knows of a client's network; results group clients by it.
+    """
+    if not settings.variant.multi_head:
+        return {}
+    image_size = data_spec(settings, on_disk=False).image_size  # a server may hold no data
+    names: dict[int, list[str]] = {}
+    for name in dict.fromkeys(client_architectures(settings)):
+        model = make_client_model(name, settings.model.in_channels, settings.model.out_dim,
+                                  image_size)
+        names.setdefault(sum(p.numel() for p in model.parameters()), []).append(name)
+    return {size: "/".join(same) for size, same in names.items()}
+
+
 def data_spec(settings: Settings, on_disk: bool = True) -> DatasetSpec:
     """The dataset's spec; an image folder's classes are read off disk.
 

@@ -28,6 +28,7 @@ from pFedHN.config import (
     client_resources,
     describe_split,
     load_settings,
+    network_names,
     ray_init_args,
     split_with_labels,
 )
@@ -117,7 +118,8 @@ def start_experiment(settings: Settings, run_dir: str | Path,
     (run_dir / "config.yaml").write_text(settings.to_yaml())
     title = f"{settings.variant.name} on {settings.dataset.data}, {settings.num_clients} clients"
     recorder = RunRecorder(run_dir, settings.num_rounds, title, split,
-                           settings.server.clients_per_round / settings.num_clients)
+                           settings.server.clients_per_round / settings.num_clients,
+                           network_names(settings))
     if split is not None:
         log.info("%s", describe_summary(split))
 

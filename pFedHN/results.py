@@ -107,11 +107,15 @@ class RunRecorder:
     ``split``: the data split's summary (``describe_split``), None where the
     server cannot see the data; its majority-class level drives ``training_check``
     (``visits_per_round``: client visits per round over clients).
+    ``network_names``: where clients' networks differ in size, a name for each
+    size; each evaluation then also pools test accuracy per network.
     """
 
     def __init__(self, run_dir: str | Path, num_rounds: int, title: str,
-                 split: dict[str, Any] | None = None, visits_per_round: float = 1.0) -> None:
+                 split: dict[str, Any] | None = None, visits_per_round: float = 1.0,
+                 network_names: dict[int, str] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.network_names = network_names or {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.title = title
         self.split = split
@@ -163,11 +167,15 @@ class RunRecorder:
     ) -> None:
         """An evaluation of every client finished: record, save, plot (pooled figures)."""
         record = {"round": server_round, **metrics, "wall_time_s": self.wall_time_s()}
+        by_network = self.test_acc_by_network(per_client or {})
+        if by_network:
+            record["test_acc_by_network"] = by_network
         self.bytes["evaluation_sent"] += metrics.get("bytes_sent", 0)
         self.evaluations.append(record)
-        log.info("round %d: val_acc=%.4f test_acc=%.4f (clients %.4f-%.4f) val_loss=%.4f",
+        log.info("round %d: val_acc=%.4f test_acc=%.4f (clients %.4f-%.4f) val_loss=%.4f%s",
                  server_round, metrics["val_acc"], metrics["test_acc"],
-                 metrics["test_acc_min"], metrics["test_acc_max"], metrics["val_loss"])
+                 metrics["test_acc_min"], metrics["test_acc_max"], metrics["val_loss"],
+                 "".join(f"; {name} {acc:.4f}" for name, acc in by_network.items()))
         self.progress.set_postfix(val_acc=f"{metrics['val_acc']:.4f}",
                                   test_acc=f"{metrics['test_acc']:.4f}")
         majority = self.split["majority_class_acc"]["val"] if self.split else None
@@ -179,6 +187,25 @@ class RunRecorder:
         self.plot()
         # Evaluation time is not a training round's time.
         self._last_round_end = time.perf_counter()
+
+    def test_acc_by_network(self, per_client: dict[int, dict]) -> dict[str, float]:
+        """Test accuracy pooled over the clients of each network size, where sizes differ.
+
+        Networks are told apart by size (``num_parameters``), the only thing the
+        server knows of them, and named by ``network_names``.
+        """
+        correct: dict[int, float] = {}
+        samples: dict[int, int] = {}
+        for client in per_client.values():
+            size = client.get("num_parameters")
+            if size is None:
+                return {}
+            correct[size] = correct.get(size, 0.0) + client["test_acc"] * client["test_n"]
+            samples[size] = samples.get(size, 0) + client["test_n"]
+        if len(samples) < 2:
+            return {}
+        return {self.network_names.get(size, f"{size:,} parameters"):
+                correct[size] / max(samples[size], 1) for size in sorted(samples)}
 
     def state_dict(self) -> dict[str, Any]:
         """The history a resumed run continues from."""

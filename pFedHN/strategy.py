@@ -506,6 +506,10 @@ class PFedHNStrategy(Strategy):
                                      if self.partition_of[p.cid] in accepted]
         return NO_PARAMETERS, {}
 
+    def num_parameters(self, partition_id: int) -> int:
+        """The size of theta_i: all the server knows of client i's network."""
+        return sum(shape.numel() for shape in self.hnet.shapes(partition_id).values())
+
     def check_delta(self, delta_theta: list[np.ndarray], partition_id: int) -> str | None:
         """Why a client's delta_theta cannot be used, or None when it can."""
         expected = self.hnet.shapes(partition_id)
@@ -555,7 +559,8 @@ class PFedHNStrategy(Strategy):
             int(r.metrics["partition-id"]): {
                 f"{split}_acc": r.metrics[f"{split}-correct"] / max(r.metrics[f"{split}-n"], 1)
                 for split in ("val", "test")
-            } | {"test_n": int(r.metrics["test-n"])}
+            } | {"test_n": int(r.metrics["test-n"]),
+                 "num_parameters": self.num_parameters(int(r.metrics["partition-id"]))}
             for _, r in results
         }
         if self.on_evaluate is not None:

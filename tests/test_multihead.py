@@ -245,6 +245,11 @@ def test_three_architectures_learn_in_a_flower_simulation(tmp_path):
     # majority-class level of 0.593 (the authors' split of tiny MNIST, 3 clients).
     majority = results["split"]["majority_class_acc"]["test"]
     assert last["test_acc"] > majority + 0.1 and last["clients_evaluated"] == 3
+    # One client per network: each network's pooled accuracy is its one client's.
+    by_network = last["test_acc_by_network"]
+    assert sorted(by_network) == sorted(names)
+    assert min(by_network.values()) == last["test_acc_min"]
+    assert max(by_network.values()) == last["test_acc_max"]
     sizes = [sum(p.numel() for p in make_client_model(n, **MNIST_ZOO).parameters())
              for n in names]
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)

@@ -59,6 +59,24 @@ def test_local_steps_clipped_ones_and_round_times_are_kept_over_rounds_and_a_res
     older.close()
 
 
+def test_test_accuracy_is_pooled_per_network_size_where_sizes_differ(tmp_path):
+    recorder = RunRecorder(tmp_path, 2, "networks", network_names={100: "small"})
+    metrics = {"val_acc": 0.5, "test_acc": 0.5, "test_acc_min": 0.0, "test_acc_max": 1.0,
+               "val_loss": 1.0}
+    per_client = {0: {"test_acc": 0.5, "test_n": 10, "num_parameters": 100},
+                  1: {"test_acc": 1.0, "test_n": 30, "num_parameters": 100},
+                  2: {"test_acc": 0.25, "test_n": 8, "num_parameters": 2500}}
+    recorder.on_evaluate(1, metrics, per_client)
+    # (5 + 30) / 40 for the two small clients; the unnamed size by its count
+    assert recorder.evaluations[-1]["test_acc_by_network"] == {
+        "small": 35 / 40, "2,500 parameters": 0.25}
+    same_size = {k: v | {"num_parameters": 100} for k, v in per_client.items()}
+    recorder.on_evaluate(2, metrics, same_size)
+    assert "test_acc_by_network" not in recorder.evaluations[-1]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["evaluations"][0]["test_acc_by_network"]["small"] == 35 / 40
+
+
 def test_table_is_regenerated_from_the_summaries_and_is_stable(workspace):
     readme, static = workspace
     main(["--readme", str(readme), "--static", str(static)])
