@@ -259,12 +259,19 @@ class RunRecorder:
         })
 
     def plot(self) -> None:
-        """Accuracy against round, val and test."""
+        """Accuracy against round, val and test; test per network where they differ."""
         fig, ax = plt.subplots(figsize=(6, 4))
         rounds = [e["round"] for e in self.evaluations]
         for split in ("val", "test"):
             ax.plot(rounds, [100 * e[f"{split}_acc"] for e in self.evaluations],
                     label=f"{split} (pooled over clients)")
+        networks = dict.fromkeys(n for e in self.evaluations
+                                 for n in e.get("test_acc_by_network", {}))
+        for name in networks:
+            points = [(e["round"], 100 * e["test_acc_by_network"][name])
+                      for e in self.evaluations if name in e.get("test_acc_by_network", {})]
+            ax.plot(*zip(*points, strict=True), linewidth=0.8, linestyle="--",
+                    label=f"test, {name}")
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(self.title)
