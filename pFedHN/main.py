@@ -304,13 +304,8 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
         summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
         write_json_atomic(run_dir / "results.json", results | {"novel_clients": summary})
 
-    def on_fit(server_round: int, client_metrics: list[dict], *_: object) -> None:
-        if client_metrics and checkpoint.NOVEL.due(settings, server_round):
-            checkpoint.save(run_dir, settings, server_round, checkpoint.NOVEL,
-                            strategy=strategy.state_dict(server_round),
-                            recorder={"evaluations": evaluations})
-
-    strategy.on_fit, strategy.on_evaluate = on_fit, on_evaluate
+    strategy.on_fit = novel_checkpointer(settings, strategy, run_dir, evaluations)
+    strategy.on_evaluate = on_evaluate
     log.info("novel clients %d-%d: %d rounds of embedding training",
              novel_ids[0], novel_ids[-1], novel.rounds)
     simulate(settings, lambda context: server_components(strategy, novel.rounds), state_dir)
@@ -323,6 +318,21 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
              "(best %.4f, round %d)", summary["test_acc_before"], summary["test_acc_after"],
              summary["best_test_acc"], summary["best_test_round"])
     return results
+
+
+def novel_checkpointer(settings: Settings, strategy: PFedHNStrategy, run_dir: Path,
+                       evaluations: dict[int, dict]) -> Callable[..., None]:
+    """The novel phase's ``on_fit``: its checkpoint when due, as training's.
+
+    No checkpoint at a round without an update: a resume redoes that round.
+    """
+    def on_fit(server_round: int, client_metrics: list[dict], *_: object) -> None:
+        if client_metrics and checkpoint.NOVEL.due(settings, server_round):
+            checkpoint.save(run_dir, settings, server_round, checkpoint.NOVEL,
+                            strategy=strategy.state_dict(server_round),
+                            recorder={"evaluations": evaluations})
+
+    return on_fit
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

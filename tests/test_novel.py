@@ -11,9 +11,10 @@ from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR
 from pFedHN.dataset import SplitSettings, client_indices
-from pFedHN.main import prepare, run, run_novel, trained_strategy
+from pFedHN.main import novel_checkpointer, prepare, run, run_novel, trained_strategy
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.novel import distribution_shift, novel_summary
+from pFedHN.server import build_strategy
 from pFedHN.strategy import PFedHNStrategy
 from tests.conftest import TINY_OVERRIDES, compose_config
 
@@ -148,6 +149,26 @@ def test_novel_phase_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one(
     with pytest.raises(CheckpointError, match="novel.lr"):
         run(compose_config(base + ["novel.rounds=4", "novel.lr=0.5", f"resume={broken_dir}"]),
             tmp_path / "unused")
+
+
+def test_a_novel_round_without_updates_writes_no_novel_checkpoint(tmp_path):
+    settings = prepare(compose_config(TINY_OVERRIDES + [
+        "num_clients=4", "novel.num_clients=2", "novel.rounds=5", "checkpoint_every=1"]))
+    strategy = build_strategy(settings)
+    evaluations = {0: {4: {"test_acc": 0.5, "test_n": 10}}}
+    on_fit = novel_checkpointer(settings, strategy, tmp_path, evaluations)
+
+    def saved_round():
+        return checkpoint.load(tmp_path, settings, checkpoint.NOVEL)["round"]
+
+    on_fit(1, [{"steps": 3}], {})
+    assert saved_round() == 1
+    on_fit(2, [], {})  # no client's update reached the embeddings
+    assert saved_round() == 1
+    on_fit(3, [{"steps": 3}], {})
+    saved = checkpoint.load(tmp_path, settings, checkpoint.NOVEL)
+    assert saved["round"] == 3 and saved["recorder"]["evaluations"] == evaluations
+    assert not (tmp_path / checkpoint.TRAINING.filename).exists()
 
 
 def test_novel_phase_with_adam_steps_only_the_novel_embedding_as_plain_torch_adam_does():
