@@ -573,7 +573,33 @@ def plot_runs(summaries: list[dict[str, Any]], static_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=100, metadata={"Software": None})
         plt.close(fig)
         written.append(path)
-    return written
+    return written + [plot_by_network(s, static_dir) for s in summaries
+                      if any("test_acc_by_network" in e for e in s["results"]["evaluations"])]
+
+
+def plot_by_network(summary: dict[str, Any], static_dir: Path) -> Path:
+    """A heterogeneous run's test accuracy per network, beside the pooled figure."""
+    evaluations = summary["results"]["evaluations"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([e["round"] for e in evaluations], [100 * e["test_acc"] for e in evaluations],
+            color="black", label="pooled over all clients")
+    networks = dict.fromkeys(n for e in evaluations for n in e.get("test_acc_by_network", {}))
+    for name in networks:
+        points = [(e["round"], 100 * e["test_acc_by_network"][name])
+                  for e in evaluations if name in e.get("test_acc_by_network", {})]
+        ax.plot(*zip(*points, strict=True), linewidth=1, label=name)
+    cfg = summary["cfg"]
+    ax.set_title(f"Test accuracy per network: {VARIANTS[cfg.model.variant]}, "
+                 f"{cfg.num_clients} clients, seed {cfg.seed}")
+    ax.set_xlabel("round (a pass over the clients)")
+    ax.set_ylabel("test accuracy, pooled over the network's clients (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = static_dir / f"accuracy_{summary['name']}_by_network.png"
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 def regenerate(runs_dir: Path, readme: Path, static_dir: Path) -> None:

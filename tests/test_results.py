@@ -204,6 +204,15 @@ def test_mh_runs_get_their_own_table_with_both_accuracies_cost_and_memory(worksp
     assert all("MH-pFedHN" not in line for line in text.splitlines()
                if "tiny_mnist_pfedhn" in line)
     assert (static / "accuracy_mnist_mh.png").exists()
+    assert not list(static.glob("*_by_network.png"))  # one network: no breakdown
+    # A run with a breakdown per network gets its own figure, linked from the README.
+    saved = json.loads((runs / "mh" / "results.json").read_text())
+    for e in saved["evaluations"]:
+        e["test_acc_by_network"] = {"mh-cnn": e["test_acc"], "mh-vgg8": e["test_acc"] / 2}
+    (runs / "mh" / "results.json").write_text(json.dumps(saved))
+    main(["--readme", str(readme), "--static", str(static)])
+    assert (static / "accuracy_mh_by_network.png").exists()
+    assert "![accuracy_mh_by_network](_static/accuracy_mh_by_network.png)" in readme.read_text()
 
 
 def test_runs_with_novel_clients_get_a_row_of_their_phase_partial_or_finished(workspace):
