@@ -100,3 +100,17 @@ def test_server_visit_times_both_gradients_and_finds_them_equal(tmp_path):
     assert figures["autograd_over_written_out"] == pytest.approx(
         figures["autograd_gradient_s"] / figures["written_out_gradient_s"])
     assert figures["visit_s"] > figures["written_out_gradient_s"] > 0
+
+
+def test_client_threads_times_each_network_at_each_thread_count(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "client_threads.py"),
+                    "--networks", "mh-cnn", "mh-vgg8", "--threads", "1", "2",
+                    "--blocks", "2", "--steps", "1", "--json", str(tmp_path / "threads.json")],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    figures = json.loads((tmp_path / "threads.json").read_text())
+    assert sorted(figures["networks"]) == ["mh-cnn", "mh-vgg8"]
+    for network in figures["networks"].values():
+        one, two = network["median_step_s"]["1"], network["median_step_s"]["2"]
+        assert one > 0 and two > 0
+        assert network["ratio_to_first"]["2"] == pytest.approx(two / one)
+        assert network["ratio_to_first"]["1"] == 1.0
