@@ -265,13 +265,7 @@ class RunRecorder:
         for split in ("val", "test"):
             ax.plot(rounds, [100 * e[f"{split}_acc"] for e in self.evaluations],
                     label=f"{split} (pooled over clients)")
-        networks = dict.fromkeys(n for e in self.evaluations
-                                 for n in e.get("test_acc_by_network", {}))
-        for name in networks:
-            points = [(e["round"], 100 * e["test_acc_by_network"][name])
-                      for e in self.evaluations if name in e.get("test_acc_by_network", {})]
-            ax.plot(*zip(*points, strict=True), linewidth=0.8, linestyle="--",
-                    label=f"test, {name}")
+        plot_networks(ax, self.evaluations, "test, ", linewidth=0.8, linestyle="--")
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(self.title)
@@ -566,13 +560,7 @@ def plot_runs(summaries: list[dict[str, Any]], static_dir: Path) -> list[Path]:
         ax.set_xlabel("round (a pass over the clients)" if dataset.endswith("_mh")
                       else "round (hypernetwork step)")
         ax.set_ylabel("test accuracy, pooled over clients (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        path = static_dir / f"accuracy_{dataset}.png"
-        fig.savefig(path, dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(fig, ax, static_dir / f"accuracy_{dataset}.png"))
     return written + [plot_by_network(s, static_dir) for s in summaries
                       if any("test_acc_by_network" in e for e in s["results"]["evaluations"])]
 
@@ -583,20 +571,30 @@ def plot_by_network(summary: dict[str, Any], static_dir: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([e["round"] for e in evaluations], [100 * e["test_acc"] for e in evaluations],
             color="black", label="pooled over all clients")
-    networks = dict.fromkeys(n for e in evaluations for n in e.get("test_acc_by_network", {}))
-    for name in networks:
-        points = [(e["round"], 100 * e["test_acc_by_network"][name])
-                  for e in evaluations if name in e.get("test_acc_by_network", {})]
-        ax.plot(*zip(*points, strict=True), linewidth=1, label=name)
+    plot_networks(ax, evaluations, "", linewidth=1)
     cfg = summary["cfg"]
     ax.set_title(f"Test accuracy per network: {VARIANTS[cfg.model.variant]}, "
                  f"{cfg.num_clients} clients, seed {cfg.seed}")
     ax.set_xlabel("round (a pass over the clients)")
     ax.set_ylabel("test accuracy, pooled over the network's clients (%)")
+    return _save_figure(fig, ax, static_dir / f"accuracy_{summary['name']}_by_network.png")
+
+
+def plot_networks(ax: plt.Axes, evaluations: list[dict[str, Any]], prefix: str,
+                  **style: Any) -> None:
+    """A line per network of the evaluations' ``test_acc_by_network``, in percent."""
+    networks = dict.fromkeys(n for e in evaluations for n in e.get("test_acc_by_network", {}))
+    for name in networks:
+        points = [(e["round"], 100 * e["test_acc_by_network"][name])
+                  for e in evaluations if name in e.get("test_acc_by_network", {})]
+        ax.plot(*zip(*points, strict=True), label=f"{prefix}{name}", **style)
+
+
+def _save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
+    """Grid, legend, and a PNG without the version stamp (regenerating changes nothing)."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = static_dir / f"accuracy_{summary['name']}_by_network.png"
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
     return path
