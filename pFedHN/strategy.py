@@ -555,14 +555,15 @@ class PFedHNStrategy(Strategy):
         metrics["clients_evaluated"] = len(results)
         metrics["evaluation_time_s"] = time.perf_counter() - self._evaluation_start
         metrics["bytes_sent"] = self._bytes_sent  # the clients answer with metrics only
-        per_client = {
-            int(r.metrics["partition-id"]): {
-                f"{split}_acc": r.metrics[f"{split}-correct"] / max(r.metrics[f"{split}-n"], 1)
-                for split in ("val", "test")
-            } | {"test_n": int(r.metrics["test-n"]),
-                 "num_parameters": self.num_parameters(int(r.metrics["partition-id"]))}
-            for _, r in results
-        }
+        per_client = {}
+        for _, res in results:
+            partition_id, m = int(res.metrics["partition-id"]), res.metrics
+            per_client[partition_id] = {
+                "val_acc": m["val-correct"] / max(m["val-n"], 1),
+                "test_acc": m["test-correct"] / max(m["test-n"], 1),
+                "test_n": int(m["test-n"]),
+                "num_parameters": self.num_parameters(partition_id),
+            }
         if self.on_evaluate is not None:
             self.on_evaluate(server_round, metrics, per_client)
         return metrics["val_loss"], metrics
