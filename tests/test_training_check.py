@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from pFedHN.dataset import CIFAR10_VEHICLES, split_summary
-from pFedHN.results import COLLAPSE_VISITS, training_check
+from pFedHN.results import (
+    COLLAPSE_VISITS,
+    HETEROGENEOUS_COLLAPSE_VISITS,
+    RunRecorder,
+    training_check,
+)
 
 
 def test_split_summary_counts_each_clients_classes_and_majority_level():
@@ -71,3 +76,33 @@ def test_check_flags_non_finite_weights_at_once_and_without_a_split():
         check = training_check(history(0.1, last_loss=loss), None, 0.1)
         assert check["status"] == "diverged" and "server.lr" in check["message"]
     assert training_check(history(0.1), None, 50.0)["status"] == "not checked"
+
+
+# The paper's five networks, seed 42: val accuracy at rounds 10, 20, 29 (one visit
+# per client a round) against a majority-class level of 0.5973.
+FIVE_NETWORKS = ((10, 0.2169), (20, 0.2988), (29, 0.6406))
+
+
+def test_a_heterogeneous_run_is_judged_later_and_still_judged(tmp_path):
+    evaluations = [{"round": r, "val_acc": v, "val_loss": 1.0} for r, v in FIVE_NETWORKS]
+    split = {"majority_class_acc": {"val": 0.5973}}
+    metrics = {"test_acc": 0.5, "test_acc_min": 0.0, "test_acc_max": 1.0, "val_loss": 1.0}
+
+    def status(network_names, rounds):
+        recorder = RunRecorder(tmp_path / str(len(network_names)) / str(len(rounds)),
+                               50, "check", split, network_names=network_names)
+        for r, v in rounds:
+            recorder.on_evaluate(r, metrics | {"val_acc": v})
+        recorder.close()
+        return recorder.check["status"]
+
+    one, five = {100: "cnn"}, {100 * i: f"net{i}" for i in range(1, 6)}
+    assert status(one, FIVE_NETWORKS[:2]) == "collapsed"  # one network: judged at 10
+    assert status(five, FIVE_NETWORKS[:2]) == "too early"
+    # Once judged, the run that took off passes and one still at round 20's level does not.
+    judged = training_check(evaluations, 0.5973, HETEROGENEOUS_COLLAPSE_VISITS,
+                            HETEROGENEOUS_COLLAPSE_VISITS)
+    assert judged["status"] == "ok"
+    stuck = evaluations[:2] + [{"round": 40, "val_acc": 0.3, "val_loss": 1.0}]
+    assert training_check(stuck, 0.5973, 40.0, HETEROGENEOUS_COLLAPSE_VISITS)["status"] \
+        == "collapsed"
