@@ -557,7 +557,8 @@ class PFedHNStrategy(Strategy):
         metrics["bytes_sent"] = self._bytes_sent  # the clients answer with metrics only
         per_client = {}
         for _, res in results:
-            partition_id, m = int(res.metrics["partition-id"]), res.metrics
+            m = res.metrics
+            partition_id = int(m["partition-id"])
             per_client[partition_id] = {
                 "val_acc": m["val-correct"] / max(m["val-n"], 1),
                 "test_acc": m["test-correct"] / max(m["test-n"], 1),
