@@ -78,26 +78,8 @@ def load(run_dir: Path, settings: Settings, phase: Phase = TRAINING) -> dict[str
     path = Path(run_dir) / phase.filename
     if not path.exists():
         raise CheckpointError(f"resume={run_dir}: no {phase.filename} in that run directory")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        saved, server_round = payload["identity"], int(payload["round"])
-        payload["strategy"], payload["recorder"]  # noqa: B018 - both must be present
-    except Exception as error:  # noqa: BLE001 - any unreadable file is refused alike
-        raise CheckpointError(f"resume={run_dir}: {path} is corrupt or incomplete ({error})") \
-            from None
-    ours = identity(settings, phase)
-    differing = [f"{k}: checkpoint {saved[k]!r}, config {v!r}"
-                 for k, v in ours.items() if k in saved and saved[k] != v]
-    if differing:
-        raise CheckpointError(
-            f"resume={run_dir}: the checkpoint (round {server_round}) is from another "
-            "experiment; pass the overrides it was made with. Differences: "
-            + "; ".join(differing)
-        )
-    unrecorded = sorted(ours.keys() - saved.keys())
-    if unrecorded:  # made by an older version, which recorded fewer settings
-        log.warning("resume=%s: the checkpoint does not record %s; they are taken to be "
-                    "as in the config", run_dir, ", ".join(unrecorded))
+    payload = _read(path, f"resume={run_dir}", settings, phase, ("strategy", "recorder"))
+    server_round = payload["round"]
     num_rounds = phase.num_rounds(settings)
     if server_round > num_rounds:
         raise CheckpointError(
@@ -105,3 +87,76 @@ def load(run_dir: Path, settings: Settings, phase: Phase = TRAINING) -> dict[str
             f"past {phase.rounds_key}={num_rounds}"
         )
     return payload
+
+
+def _read(path: Path, context: str, settings: Settings, phase: Phase,
+          parts: tuple[str, ...]) -> dict[str, Any]:
+    """A saved payload with ``parts``, of the experiment ``settings`` describe (else refused)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        saved, server_round = payload["identity"], int(payload["round"])
+        for part in parts:
+            payload[part]  # noqa: B018 - each must be present
+    except Exception as error:  # noqa: BLE001 - any unreadable file is refused alike
+        raise CheckpointError(f"{context}: {path} is corrupt or incomplete ({error})") from None
+    ours = identity(settings, phase)
+    differing = [f"{k}: checkpoint {saved[k]!r}, config {v!r}"
+                 for k, v in ours.items() if k in saved and saved[k] != v]
+    if differing:
+        raise CheckpointError(
+            f"{context}: the checkpoint (round {server_round}) is from another "
+            "experiment; pass the overrides it was made with. Differences: "
+            + "; ".join(differing)
+        )
+    unrecorded = sorted(ours.keys() - saved.keys())
+    if unrecorded:  # made by an older version, which recorded fewer settings
+        log.warning("%s: the checkpoint does not record %s; they are taken to be "
+                    "as in the config", context, ", ".join(unrecorded))
+    payload["round"] = server_round
+    return payload
+
+
+# The best-validation round's models: the hypernetwork then and the clients' own
+# parts, written when a round becomes the best, so the models of results.json's
+# headline round can be exported (pFedHN.export). One file per such round.
+BEST_DIR = "best"
+
+
+def _best_path(run_dir: Path, server_round: int) -> Path:
+    return Path(run_dir) / BEST_DIR / f"{server_round:08d}.pt"
+
+
+def best_rounds(run_dir: Path) -> list[int]:
+    """The rounds whose best-round state ``run_dir`` holds, in order."""
+    return sorted(int(p.stem) for p in (Path(run_dir) / BEST_DIR).glob("*.pt"))
+
+
+def save_best(run_dir: Path, settings: Settings, server_round: int, model: dict,
+              client_state: dict[int, dict] | None) -> Path:
+    """Write the state of a new best round (``client_state``: None where the server has none)."""
+    payload = {"round": server_round, "identity": identity(settings), "model": model,
+               "client_state": client_state}
+    path = _best_path(run_dir, server_round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def prune_best(run_dir: Path, before: int | None = None, after: int | None = None) -> None:
+    """Forget best-round state older than ``before`` (superseded for good) or newer than ``after``.
+
+    At a checkpoint, ``before`` is the best round so far: a resume from it can
+    never go back to an older one. On resume, ``after`` is the last evaluated
+    round the checkpoint records: later ones belong to the lost stretch.
+    """
+    for server_round in best_rounds(run_dir):
+        if (before is not None and server_round < before) or \
+                (after is not None and server_round > after):
+            _best_path(run_dir, server_round).unlink()
+
+
+def load_best(run_dir: Path, settings: Settings, server_round: int) -> dict[str, Any]:
+    """The state ``save_best`` wrote for ``server_round``, checked like a checkpoint."""
+    path = _best_path(run_dir, server_round)
+    if not path.exists():
+        raise CheckpointError(f"{run_dir}: no state of round {server_round} in {BEST_DIR}/")
+    return _read(path, str(run_dir), settings, TRAINING, ("model", "client_state"))

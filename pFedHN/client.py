@@ -18,17 +18,12 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from pFedHN.config import (
-    client_architectures,
-    data_spec,
-    target_kwargs,
-)
+from pFedHN.config import client_network, data_spec, global_network
 from pFedHN.dataset import ClientData, cached_partition, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.files import write_atomic
-from pFedHN.models import LocalLayer, make_target
+from pFedHN.models import LocalLayer
 from pFedHN.settings import Settings
-from pFedHN.zoo import make_client_model
 
 
 @dataclass(frozen=True)
@@ -102,6 +97,13 @@ def derive_seed(*keys: int) -> int:
     (seed, partition, 0, 1) its pFedHN-PC head.
     """
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def initial_head(feature_dim: int, out_dim: int, seed: int, partition_id: int) -> LocalLayer:
+    """pFedHN-PC: a client's private head before its first fit, seeded by its partition."""
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(seed, partition_id, 0, 1))
+        return LocalLayer(feature_dim, out_dim)
 
 
 def train_inner_loop(
@@ -246,6 +248,17 @@ class LocalStore:
             stale.unlink()
 
 
+def kept_state(mirror_root: Path, partition_id: int,
+               server_round: int) -> dict[str, dict[str, torch.Tensor]] | None:
+    """What a simulated client kept after its last fit up to ``server_round``, from its mirror.
+
+    None before its first fit (or for a client that keeps nothing).
+    """
+    saved = [path for path in sorted((mirror_root / str(partition_id)).glob("*.pt"))
+             if int(path.stem) <= server_round]
+    return torch.load(saved[-1], weights_only=True) if saved else None
+
+
 def discard_state_after(mirror_root: Path, server_round: int) -> None:
     """Before a resume: forget client state saved after the checkpoint's round."""
     for path in mirror_root.glob("*/*.pt"):
@@ -333,9 +346,8 @@ class PFedHNClient(NumPyClient):
 
     def _head(self) -> tuple[LocalLayer, torch.optim.SGD]:
         """The private head and its optimizer, as this client last left them."""
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(self.seed, self.partition_id, 0, 1))
-            head = LocalLayer(self.model.feature_dim, self.out_dim).to(self.device)
+        head = initial_head(self.model.feature_dim, self.out_dim, self.seed,
+                            self.partition_id).to(self.device)
         optimizer = torch.optim.SGD(
             head.parameters(), lr=self.loop.lr, momentum=self.loop.momentum,
             weight_decay=self.loop.weight_decay,
@@ -439,15 +451,11 @@ def client_builder(
     loop = InnerLoop.from_settings(settings)
     threads = settings.simulation.num_threads or settings.simulation.num_cpus_per_client
     deterministic = settings.deterministic
-    # Once here, not per round: for an image folder both read the class folders.
-    spec, model_kwargs = data_spec(settings), target_kwargs(settings)
+    # Once here, not per round: for an image folder it reads the class folders.
+    spec = data_spec(settings)
     variant = settings.variant
     distillation = Distillation(settings.client.distill_alpha,
                                 settings.client.distill_temperature)
-
-    def zoo_model(name: str) -> nn.Module:
-        return make_client_model(name, settings.model.in_channels, settings.model.out_dim,
-                                 spec.image_size)
 
     def build_client(context: Context) -> PFedHNClient:
         configure_torch(deterministic, threads)
@@ -465,15 +473,13 @@ def client_builder(
             state_mirror_dir / str(partition_id) if state_mirror_dir else None,
             settings.checkpoint_every,
         )
-        if variant.multi_head:
-            names = client_architectures(settings)
-            model = zoo_model(str(context.node_config.get("architecture", names[partition_id])))
-        else:
-            model = make_target(**model_kwargs)
+        architecture = context.node_config.get("architecture")  # a SuperNode's own
+        model = client_network(settings, partition_id,
+                               architecture and str(architecture)).build()
         return PFedHNClient(
             partition_id, data, model, loop, settings.seed, settings.model.out_dim,
             store, device, flat=variant.multi_head,
-            global_model=zoo_model(settings.model.global_model) if variant.global_model else None,
+            global_model=global_network(settings).build() if variant.global_model else None,
             distillation=distillation,
         )
 

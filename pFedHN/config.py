@@ -32,7 +32,7 @@ from pFedHN.dataset import (
 from pFedHN.device import resolve_device
 from pFedHN.models import TARGETS
 from pFedHN.settings import VARIANTS, ConfigError, Settings
-from pFedHN.zoo import assign_architectures, make_client_model
+from pFedHN.zoo import Network, assign_architectures, make_client_model
 
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("classes", "authors", "mh-authors", "mh-dirichlet", "dirichlet")
@@ -348,11 +348,9 @@ def network_names(settings: Settings) -> dict[int, str]:
     """
     if not settings.variant.multi_head:
         return {}
-    image_size = data_spec(settings, on_disk=False).image_size  # a server may hold no data
     names: dict[int, list[str]] = {}
     for name in dict.fromkeys(client_architectures(settings)):
-        model = make_client_model(name, settings.model.in_channels, settings.model.out_dim,
-                                  image_size)
+        model = zoo_network(settings, name).build()
         names.setdefault(sum(p.numel() for p in model.parameters()), []).append(name)
     return {size: "/".join(same) for size, same in names.items()}
 
@@ -390,3 +388,30 @@ def target_kwargs(settings: Settings) -> dict[str, Any]:
         "input_size": data_spec(settings, on_disk=False).image_size,
         "local": settings.variant.personal_head,
     }
+
+
+def zoo_network(settings: Settings, name: str) -> Network:
+    """The zoo's network ``name`` for this dataset's inputs and classes."""
+    image_size = data_spec(settings, on_disk=False).image_size  # a server may hold no data
+    return Network("zoo", name, {"in_channels": settings.model.in_channels,
+                                 "num_classes": settings.model.out_dim,
+                                 "input_size": image_size})
+
+
+def client_network(settings: Settings, partition_id: int,
+                   architecture: str | None = None) -> Network:
+    """The network partition ``partition_id`` trains: the one place that decides it.
+
+    pFedHN: the target network; MH-pFedHN: the zoo model that
+    ``model.architectures`` gives the partition, or ``architecture`` (a
+    SuperNode's node config names its own).
+    """
+    if not settings.variant.multi_head:
+        kwargs = target_kwargs(settings)
+        return Network("target", kwargs.pop("name"), kwargs)
+    return zoo_network(settings, architecture or client_architectures(settings)[partition_id])
+
+
+def global_network(settings: Settings) -> Network:
+    """MH-pFedHNGD's global model, whose architecture every party knows."""
+    return zoo_network(settings, settings.model.global_model)

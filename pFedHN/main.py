@@ -22,7 +22,13 @@ from omegaconf import DictConfig
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
-from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, discard_state_after, make_client_app
+from pFedHN.client import (
+    NOVEL_STATE_DIR,
+    STATE_DIR,
+    discard_state_after,
+    kept_state,
+    make_client_app,
+)
 from pFedHN.config import (
     check_split,
     client_resources,
@@ -36,7 +42,7 @@ from pFedHN.dataset import DataNotFoundError, describe_summary, ensure_available
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.files import write_json_atomic
 from pFedHN.novel import distribution_shift, novel_summary, plot_novel
-from pFedHN.results import RunRecorder
+from pFedHN.results import RunRecorder, summarize
 from pFedHN.server import build_strategy, server_components
 from pFedHN.settings import ConfigError, Settings
 from pFedHN.strategy import PFedHNStrategy, RoundsFailingError
@@ -72,12 +78,17 @@ def prepare(cfg: DictConfig, check_data: bool = True) -> Settings:
 
 @dataclass
 class Experiment:
-    """One run's server side: strategy, results and checkpoints, in ``run_dir``."""
+    """One run's server side: strategy, results and checkpoints, in ``run_dir``.
+
+    ``client_state``: where simulated clients mirror what they keep (``LocalStore``);
+    None where the server cannot see it (deployment) or they keep nothing.
+    """
 
     settings: Settings
     run_dir: Path
     strategy: PFedHNStrategy
     recorder: RunRecorder
+    client_state: Path | None = None
 
     def components(self, on_finish: Callable[[], object] | None = None) -> ServerAppComponents:
         """What the ServerApp runs, on either of Flower's engines."""
@@ -105,12 +116,14 @@ def server_memory(strategy: PFedHNStrategy) -> dict[str, int]:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def start_experiment(settings: Settings, run_dir: str | Path,
-                     split: dict | None = None) -> Experiment:
+def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None = None,
+                     simulated: bool = False) -> Experiment:
     """Build the server side of a prepared config; with ``settings.resume``, continue that run.
 
     ``split``: the data split's summary (``describe_split``), where the server can
     see the data; it goes into results.json and arms the collapse check.
+    ``simulated``: the clients run on this machine, and their kept state is
+    mirrored into the run directory (``client_state_dir``).
     """
     run_dir = Path(settings.resume or run_dir)
     resumed = checkpoint.load(run_dir, settings) if settings.resume else None
@@ -122,6 +135,7 @@ def start_experiment(settings: Settings, run_dir: str | Path,
                            network_names(settings))
     if split is not None:
         log.info("%s", describe_summary(split))
+    mirror = client_state_dir(settings, run_dir / STATE_DIR) if simulated else None
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
         recorder.on_fit(server_round, client_metrics, server_metrics)
@@ -133,17 +147,29 @@ def start_experiment(settings: Settings, run_dir: str | Path,
             checkpoint.save(run_dir, settings, server_round,
                             strategy=strategy.state_dict(server_round),
                             recorder=recorder.state_dict())
+            # A resume from here never goes back past today's best round.
+            checkpoint.prune_best(run_dir, before=summarize(recorder.evaluations)["best_round"])
+
+    def on_evaluate(server_round: int, metrics: dict, per_client: dict) -> None:
+        recorder.on_evaluate(server_round, metrics, per_client)
+        if summarize(recorder.evaluations)["best_round"] == server_round:
+            # A new best-validation round: keep what generates its models (pFedHN.export).
+            kept = None if mirror is None else {
+                i: kept_state(mirror, i, server_round) for i in range(settings.num_clients)}
+            checkpoint.save_best(run_dir, settings, server_round, strategy.model_state(), kept)
 
     configure_torch(settings.deterministic)  # the server's process; clients do their own
-    strategy = build_strategy(settings, on_fit=on_fit, on_evaluate=recorder.on_evaluate)
+    strategy = build_strategy(settings, on_fit=on_fit, on_evaluate=on_evaluate)
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
         recorder.load_state_dict(resumed["recorder"])
         discard_state_after(run_dir / STATE_DIR, resumed["round"])
+        evaluated = [e["round"] for e in recorder.evaluations]
+        checkpoint.prune_best(run_dir, after=max(evaluated, default=-1))
         log.info("resuming %s from round %d", run_dir, resumed["round"])
     recorder.server_memory = server_memory(strategy)
     log.info("%s: %d rounds, results in %s", title, settings.num_rounds, run_dir)
-    return Experiment(settings, run_dir, strategy, recorder)
+    return Experiment(settings, run_dir, strategy, recorder, mirror)
 
 
 class _ShortWaits:
@@ -229,9 +255,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     novel_saved = saved_novel_phase(settings, run_dir)  # checked before any work
     if settings.novel.from_run:
         return run_novel(settings, trained_strategy(settings), run_dir, {}, novel_saved)
-    experiment = start_experiment(settings, run_dir, describe_split(settings))
-    simulate(settings, lambda context: experiment.components(),
-             client_state_dir(settings, experiment.run_dir / STATE_DIR))
+    experiment = start_experiment(settings, run_dir, describe_split(settings), simulated=True)
+    simulate(settings, lambda context: experiment.components(), experiment.client_state)
     results = experiment.finish()
     if settings.novel.num_clients:
         results = run_novel(settings, experiment.strategy, experiment.run_dir, results,

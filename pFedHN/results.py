@@ -176,11 +176,17 @@ class RunRecorder:
     def on_evaluate(
         self, server_round: int, metrics: dict[str, float], per_client: dict | None = None
     ) -> None:
-        """An evaluation of every client finished: record, save, plot (pooled figures)."""
+        """An evaluation of every client finished: record, save, plot (pooled figures).
+
+        ``per_client``: each partition's accuracies, kept in the record as ``per_client``.
+        """
         record = {"round": server_round, **metrics, "wall_time_s": self.wall_time_s()}
         by_network = self.test_acc_by_network(per_client or {})
         if by_network:
             record["test_acc_by_network"] = by_network
+        if per_client:  # what an exported model of this round scores (pFedHN.export)
+            record["per_client"] = {str(i): {k: c[k] for k in ("val_acc", "test_acc")}
+                                    for i, c in sorted(per_client.items())}
         self.bytes["evaluation_sent"] += metrics.get("bytes_sent", 0)
         self.evaluations.append(record)
         log.info("round %d: val_acc=%.4f test_acc=%.4f (clients %.4f-%.4f) val_loss=%.4f%s",

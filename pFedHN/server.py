@@ -10,12 +10,11 @@ from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
 
-from pFedHN.config import data_spec, target_kwargs
+from pFedHN.config import client_network, global_network
 from pFedHN.device import resolve_device
-from pFedHN.models import CNNHyper, MHHyper, make_target, parameter_shapes
+from pFedHN.models import CNNHyper, MHHyper, parameter_shapes
 from pFedHN.settings import Settings
 from pFedHN.strategy import PFedHNStrategy
-from pFedHN.zoo import make_client_model
 
 
 class PFedHNServer(Server):
@@ -64,7 +63,7 @@ def build_hypernetwork(settings: Settings) -> CNNHyper:
     if settings.variant.multi_head:
         raise ValueError("MH-pFedHN's hypernetwork needs the clients' sizes: "
                          "build_multihead_hypernetwork")
-    target_shapes = parameter_shapes(make_target(**target_kwargs(settings)))
+    target_shapes = parameter_shapes(client_network(settings, 0).build())
     return CNNHyper(
         settings.partitions, target_shapes, embedding_dim=settings.model.embed_dim,
         hidden_dim=settings.model.hidden_dim, n_hidden=settings.model.n_hidden,
@@ -73,9 +72,7 @@ def build_hypernetwork(settings: Settings) -> CNNHyper:
 
 def global_model_size(settings: Settings) -> int:
     """MH-pFedHNGD: parameters of the global model, whose architecture is public."""
-    image_size = data_spec(settings, on_disk=False).image_size
-    model = make_client_model(settings.model.global_model, settings.model.in_channels,
-                              settings.model.out_dim, image_size)
+    model = global_network(settings).build()
     return sum(p.numel() for p in model.parameters())
 
 

@@ -308,22 +308,28 @@ class PFedHNStrategy(Strategy):
                                                 for t in state.values())}
 
     # --- checkpoints ---------------------------------------------------------
+    def model_state(self) -> dict[str, Any]:
+        """What generates every client's weights: the hypernetwork (and MH-pFedHN's sizes)."""
+        return {"client_sizes": self.client_sizes, "hnet": self.hnet.state_dict()}
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        """Generate from a saved ``model_state`` (or a whole ``state_dict``)."""
+        if self.hnet is None:  # MH-pFedHN: rebuilt from the sizes the clients reported
+            self.client_sizes = dict(state["client_sizes"])
+            self._use(self.make_hnet([self.client_sizes[i] for i in range(self.num_clients)]))
+        self.hnet.load_state_dict(state["hnet"])
+
     def state_dict(self, server_round: int) -> dict[str, Any]:
         """Everything needed to continue after ``server_round`` (a true round number)."""
-        return {
+        return self.model_state() | {
             "round": server_round,
-            "client_sizes": self.client_sizes,
-            "hnet": self.hnet.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: Flower's round r becomes round start_round + r."""
-        if self.hnet is None:  # MH-pFedHN: rebuilt from the sizes the clients reported
-            self.client_sizes = dict(state["client_sizes"])
-            self._use(self.make_hnet([self.client_sizes[i] for i in range(self.num_clients)]))
-        self.hnet.load_state_dict(state["hnet"])
+        self.load_model_state(state)
         saved = state["optimizer"]  # its groups name the kernel it ran with: use ours
         kernel = {"fused": self.optimizer.param_groups[0].get("fused"), "foreach": None}
         groups = [group | kernel for group in saved["param_groups"]]

@@ -15,11 +15,13 @@ running statistics are buffers, which stay on the client.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from pFedHN.models import CNNTarget
+from pFedHN.models import CNNTarget, make_target
 
 WIDTHS = (16, 32, 64)
 RESNET_BLOCKS = {"resnet10": (1, 1, 1, 1), "resnet12": (2, 1, 1, 1), "resnet18": (2, 2, 2, 2)}
@@ -267,3 +269,29 @@ def assign_architectures(choice: str | list[str], num_clients: int) -> list[str]
     if len(choice) != num_clients:
         raise ValueError(f"{len(choice)} architectures listed for {num_clients} clients")
     return list(choice)
+
+
+@dataclass(frozen=True)
+class Network:
+    """A client's network by name and arguments: all it takes to build it anywhere.
+
+    ``family``: "target" (``models.make_target``: pFedHN's CNN, ``conv4``) or
+    "zoo" (``make_client_model``: MH-pFedHN's architectures). Exported models
+    record this, so that loading them runs no code from a file.
+    """
+
+    family: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        """A freshly initialised instance; ValueError for a family or name that does not exist."""
+        if self.family == "zoo":
+            return make_client_model(self.name, **self.kwargs)
+        if self.family == "target":
+            try:
+                return make_target(self.name, **self.kwargs)
+            except (KeyError, TypeError) as error:
+                raise ValueError(f"no target network {self.name!r} with {self.kwargs}: "
+                                 f"{error}") from None
+        raise ValueError(f"unknown network family {self.family!r}: 'target' or 'zoo'")

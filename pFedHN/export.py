@@ -1,0 +1,341 @@
+"""Personalized models out of a run: every client's own network, ready to use.
+
+``python -m pFedHN.export <run dir> [round=best|last] [clients=all|0,7]`` writes
+``<run dir>/models/``: ``client_<partition>.pt`` per client (a plain state dict,
+read with ``torch.load(path, weights_only=True)``) and ``index.json``, which says
+what each file holds: the network's family, name and arguments, pFedHN-PC's
+head, the input normalisation, the round, the client's accuracies there and the
+file's SHA-256. ``load_client_model(run_dir, client)`` rebuilds a client's model
+from them, in eval mode; it takes images scaled to [0, 1] (what torchvision's
+``ToTensor`` gives) and returns logits.
+
+``round=best`` is the round of best pooled validation accuracy, the one whose
+test accuracy ``results.json`` headlines (kept by the run in ``best/``);
+``round=last`` is the run's checkpoint. Novel clients come from the novel
+phase's checkpoint. What clients keep to themselves (pFedHN-PC heads, batch-norm
+statistics) comes from the simulation's mirror of it; in deployment it never
+reaches the server, and each SuperNode writes its own model (``model-dir`` in
+its node config; docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pFedHN import checkpoint
+from pFedHN.checkpoint import CheckpointError
+from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, initial_head, kept_state
+from pFedHN.config import client_network, data_spec, global_network
+from pFedHN.dataset import federated_data
+from pFedHN.files import write_atomic, write_json_atomic
+from pFedHN.models import LocalLayer
+from pFedHN.server import build_strategy
+from pFedHN.settings import ConfigError, Settings
+from pFedHN.zoo import Network
+
+MODELS_DIR = "models"
+INDEX = "index.json"
+ROUNDS = ("best", "last")
+
+
+class ExportError(ValueError):
+    """A run, round or client that cannot be exported, or an export that does not load."""
+
+
+class Standardize(nn.Module):
+    """The clients' input normalisation, ``(x - mean) / std``, on images in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a batch as the client did before training on it."""
+        return (x - self.mean) / self.std
+
+
+def personalized_model(network: nn.Module, mean: Sequence[float], std: Sequence[float],
+                       head: nn.Module | None = None) -> nn.Sequential:
+    """A client's whole model: normalisation, its network, and pFedHN-PC's private head."""
+    parts = OrderedDict(standardize=Standardize(mean, std), network=network)
+    if head is not None:
+        parts["head"] = head
+    return nn.Sequential(parts)
+
+
+def run_settings(run_dir: Path) -> Settings:
+    """The settings a run directory was made with (its ``config.yaml``)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ExportError(f"{run_dir}: not a run directory (no config.yaml); give the "
+                          "directory a run wrote its results.json into")
+    try:
+        settings = Settings.from_config(OmegaConf.load(path))
+    except ConfigError as error:
+        raise ExportError(f"{path}: not a config of this version of pFedHN ({error})") from None
+    return settings.replace(device="cpu")  # generated on the CPU, wherever the run trained
+
+
+def _accuracies(evaluation: dict[str, Any] | None, partition_id: int) -> dict[str, float | None]:
+    client = ((evaluation or {}).get("per_client") or {}).get(str(partition_id), {})
+    return {"val_acc": client.get("val_acc"), "test_acc": client.get("test_acc")}
+
+
+def _normalization(settings: Settings) -> tuple[list[float], list[float]]:
+    """The mean and std every client normalised with (measured on the data if not set)."""
+    spec = data_spec(settings, on_disk=False)
+    if spec.mean is not None and spec.std is not None:
+        return list(spec.mean), list(spec.std)
+    data = federated_data(data_spec(settings), settings.dataset.root, settings.split)[0]
+    return data.mean.flatten().tolist(), data.std.flatten().tolist()
+
+
+class _Source:
+    """One saved state: the hypernetwork of a round and what the clients kept then."""
+
+    def __init__(self, settings: Settings, round_: int, model: dict,
+                 client_state: dict[int, dict] | None, phase: str) -> None:
+        self.settings, self.round, self.phase = settings, round_, phase
+        self.client_state = client_state
+        self.strategy = build_strategy(settings)
+        self.strategy.load_model_state(model)
+
+    def kept(self, partition_id: int, network: nn.Module) -> dict | None:
+        """What the client kept at this round; refused where it kept something the server lacks."""
+        variant = self.settings.variant
+        needs = variant.personal_head or any(True for _ in network.buffers())
+        if self.client_state is None:
+            if needs:
+                raise ExportError(
+                    f"client {partition_id}: its own part (the pFedHN-PC head or batch-norm "
+                    "statistics) never reached this server (a deployment, or "
+                    "simulation.mirror_client_state=false); each SuperNode writes its own "
+                    "model instead (node config model-dir)")
+            return None
+        return self.client_state.get(partition_id)
+
+    def model(self, partition_id: int, network: Network, normalization) -> nn.Sequential:
+        """Client ``partition_id``'s model as it was evaluated at this round."""
+        body = network.build()
+        shapes = OrderedDict((name, p.shape) for name, p in body.named_parameters())
+        arrays = [torch.from_numpy(a) for a in self.strategy.generate(partition_id)]
+        if self.settings.variant.multi_head:  # one flat vector, cut as the client cuts it
+            arrays = list(arrays[0].split([s.numel() for s in shapes.values()]))
+        theta = {name: a.view(shape) for (name, shape), a in
+                 zip(shapes.items(), arrays, strict=True)}
+        kept = self.kept(partition_id, body) or {}
+        body.load_state_dict(theta | kept.get("buffers", {}), strict=False)
+        head = None
+        if self.settings.variant.personal_head:
+            head = initial_head(body.feature_dim, self.settings.model.out_dim,
+                                self.settings.seed, partition_id)
+            if "head" in kept:
+                head.load_state_dict(kept["head"])
+        return personalized_model(body, *normalization, head)
+
+
+def _training_source(run_dir: Path, settings: Settings, which: str,
+                     results: dict) -> _Source:
+    if which == "best":
+        best = results.get("best_round")
+        if best is None:
+            raise ExportError(f"{run_dir}: results.json has no evaluation yet")
+        if best not in checkpoint.best_rounds(run_dir):
+            raise ExportError(
+                f"{run_dir}: the run keeps no state of its best-validation round ({best}); "
+                "it was made by an older version of pFedHN. Export its checkpoint instead: "
+                "round=last")
+        saved = checkpoint.load_best(run_dir, settings, best)
+        return _Source(settings, best, saved["model"], saved["client_state"], "training")
+    saved = checkpoint.load(run_dir, settings)
+    return _Source(settings, saved["round"], saved["strategy"],
+                   _mirrored(run_dir / STATE_DIR, settings, saved["round"]), "training")
+
+
+def _mirrored(mirror: Path, settings: Settings, round_: int) -> dict[int, dict] | None:
+    if not mirror.is_dir():
+        return None
+    return {i: kept_state(mirror, i, round_) for i in range(settings.partitions)}
+
+
+def export(run_dir: str | Path, round: str = "best",  # noqa: A002 - the CLI's key
+           clients: Sequence[int] | None = None) -> Path:
+    """Write the clients' models of ``round`` ("best" or "last") to ``<run_dir>/models``.
+
+    ``clients``: partition ids (default: all, novel clients included). Returns
+    the index's path.
+    """
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir}: no such run directory")
+    if round not in ROUNDS:
+        raise ExportError(f"round={round}: choose best or last")
+    settings = run_settings(run_dir)
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise ExportError(f"{run_dir}: no results.json; the run has not evaluated yet")
+    results = json.loads(results_path.read_text())
+    every = range(settings.partitions)
+    chosen = list(every) if clients is None else list(clients)
+    unknown = [c for c in chosen if c not in every]
+    if unknown:
+        raise ExportError(f"clients={','.join(map(str, unknown))}: this run has clients "
+                          f"0-{settings.partitions - 1}")
+    try:
+        training = _training_source(run_dir, settings, round, results)
+        novel = _novel_source(run_dir, settings) \
+            if any(c >= settings.num_clients for c in chosen) else None
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    evaluations = {e["round"]: e for e in results.get("evaluations", [])}
+    novel_summary = results.get("novel_clients") or {}
+    novel_after = {c["partition_id"]: c for c in novel_summary.get("clients", [])}
+    normalization = _normalization(settings)
+    out = run_dir / MODELS_DIR
+    out.mkdir(exist_ok=True)
+    entries = {}
+    for partition_id in chosen:
+        is_novel = partition_id >= settings.num_clients
+        source = novel if is_novel else training
+        network = client_network(settings, partition_id)
+        model = source.model(partition_id, network, normalization)
+        if is_novel:  # the novel phase's figures are of its last evaluated round
+            evaluated = novel_summary.get("rounds_completed") == source.round
+            after = novel_after.get(partition_id, {}) if evaluated else {}
+            accuracies = {"val_acc": None, "test_acc": after.get("test_acc_after")}
+        else:
+            accuracies = _accuracies(evaluations.get(source.round), partition_id)
+        entries[str(partition_id)] = _write(out, f"client_{partition_id}.pt", model) | {
+            "partition_id": partition_id, "phase": source.phase, "round": source.round,
+            "network": asdict(network), **_head_entry(model), **accuracies,
+        }
+    index = {"variant": settings.variant.name, "round": round,
+             "normalization": dict(zip(("mean", "std"), normalization, strict=True)),
+             "input": "images scaled to [0, 1], N x C x H x W (torchvision's ToTensor)",
+             "clients": entries}
+    if settings.variant.global_model:
+        index["global_model"] = _export_global(out, settings, training, normalization)
+    return write_json_atomic(out / INDEX, index)
+
+
+def _novel_source(run_dir: Path, settings: Settings) -> _Source:
+    phase = checkpoint.NOVEL
+    if not (run_dir / phase.filename).exists():
+        raise ExportError(f"{run_dir}: no {phase.filename}; its novel clients have no "
+                          f"embedding yet (clients 0-{settings.num_clients - 1} do)")
+    saved = checkpoint.load(run_dir, settings, phase)
+    return _Source(settings, saved["round"], saved["strategy"],
+                   _mirrored(run_dir / NOVEL_STATE_DIR, settings, saved["round"]), "novel")
+
+
+def _head_entry(model: nn.Sequential) -> dict[str, Any]:
+    head = getattr(model, "head", None)
+    return {"head": None if head is None else {"in": head.fc.in_features,
+                                               "out": head.fc.out_features}}
+
+
+def _export_global(out: Path, settings: Settings, source: _Source,
+                   normalization) -> dict[str, Any] | None:
+    """MH-pFedHNGD's global model, where it has no per-client batch-norm statistics."""
+    network = global_network(settings)
+    if any(True for _ in network.build().buffers()):
+        return None  # each client holds its own statistics of it: no one global model
+    global_id = settings.partitions  # the hypernetwork's virtual last client
+    vector = torch.from_numpy(source.strategy.generate(global_id)[0])
+    body = network.build()
+    pieces = vector.split([p.numel() for p in body.parameters()])
+    body.load_state_dict({name: piece.view(p.shape) for (name, p), piece in
+                          zip(body.named_parameters(), pieces, strict=True)})
+    model = personalized_model(body, *normalization)
+    return _write(out, "global.pt", model) | {"round": source.round, "network": asdict(network)}
+
+
+def _write(out: Path, filename: str, model: nn.Module) -> dict[str, str]:
+    path = write_atomic(out / filename, lambda tmp: torch.save(model.state_dict(), tmp))
+    return {"file": filename, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_client_model(run_dir: str | Path, client: int | str = 0,
+                      models_dir: str | Path | None = None) -> nn.Module:
+    """Client ``client``'s exported model (or ``"global"``: MH-pFedHNGD's), in eval mode.
+
+    Reads ``<run_dir>/models`` (or ``models_dir``); runs no code from the
+    files. Refuses a file that is not the one the index names, or weights that
+    do not fit the network the index describes.
+    """
+    folder = Path(models_dir) if models_dir else Path(run_dir) / MODELS_DIR
+    if not (folder / INDEX).is_file():
+        raise ExportError(f"{folder}: no {INDEX}; run python -m pFedHN.export {run_dir} first")
+    index = json.loads((folder / INDEX).read_text())
+    entry = index.get("global_model") if client == "global" else \
+        index.get("clients", {}).get(str(client))
+    if entry is None:
+        raise ExportError(f"{folder}: no model of client {client}; exported: "
+                          f"{', '.join(index.get('clients', {})) or 'none'}")
+    path = folder / entry["file"]
+    if not path.is_file() or _sha256(path) != entry["sha256"]:
+        raise ExportError(f"{path}: not the file {INDEX} names (missing or changed)")
+    try:
+        head = entry.get("head")
+        model = personalized_model(
+            Network(**entry["network"]).build(), index["normalization"]["mean"],
+            index["normalization"]["std"], head and LocalLayer(head["in"], head["out"]))
+        model.load_state_dict(torch.load(path, weights_only=True))
+    except (ValueError, RuntimeError, TypeError, KeyError) as error:
+        raise ExportError(f"{path}: does not load as the network {INDEX} describes "
+                          f"({str(error).splitlines()[0]})") from None
+    return model.eval()
+
+
+def _parse(argv: Sequence[str]) -> tuple[str, str, list[int] | None]:
+    if not argv or "=" in argv[0]:
+        raise ExportError("usage: python -m pFedHN.export <run dir> [round=best|last] "
+                          "[clients=all|0,7]")
+    options = {"round": "best", "clients": "all"}
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in options:
+            raise ExportError(f"{arg}: expected round=best|last or clients=all|<ids, "
+                              "comma-separated>")
+        options[key] = value
+    clients = None
+    if options["clients"] != "all":
+        try:
+            clients = [int(c) for c in options["clients"].strip("[]").split(",")]
+        except ValueError:
+            raise ExportError(f"clients={options['clients']}: give all or partition ids, "
+                              "e.g. clients=0,7") from None
+    return argv[0], options["round"], clients
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: export, then one line saying where the models are."""
+    try:
+        run_dir, which, clients = _parse(sys.argv[1:] if argv is None else argv)
+        index_path = export(run_dir, which, clients)
+    except ExportError as error:
+        raise SystemExit(f"error: {error}") from None
+    index = json.loads(index_path.read_text())
+    rounds = sorted({e["round"] for e in index["clients"].values()})
+    print(f"{len(index['clients'])} client models of round {which} "
+          f"({', '.join(map(str, rounds))}) in {index_path.parent}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Personalized models out of a run: what is exported scores what the run recorded."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pFedHN import checkpoint
+from pFedHN.config import data_spec
+from pFedHN.dataset import federated_data
+from pFedHN.export import INDEX, MODELS_DIR, ExportError, export, load_client_model, main
+from pFedHN.main import prepare, run, start_experiment
+from pFedHN.settings import Settings
+from tests.conftest import TINY_OVERRIDES, compose_config
+
+PC = ["model.local=True", "model.variant=1", "server.lr=5e-2"]
+SHORT = ["num_clients=4", "num_rounds=8", "eval_every=2", "client.inner_steps=5"]
+
+
+def exported_test_accuracies(run_dir, settings, models_dir=None):
+    """Each exported client model's accuracy on its own test split, computed here."""
+    index = json.loads(((models_dir or run_dir / MODELS_DIR) / INDEX).read_text())
+    data = federated_data(data_spec(settings), settings.dataset.root, settings.split)
+    accuracies = {}
+    for client in index["clients"]:
+        model = load_client_model(run_dir, int(client), models_dir)
+        assert not model.training
+        images, labels = data[int(client)].test_x, data[int(client)].test_y
+        with torch.inference_mode():
+            correct = (model(images.float() / 255).argmax(1) == labels).sum().item()
+        accuracies[int(client)] = correct / len(labels)
+    return index, accuracies
+
+
+def recorded(run_dir, server_round):
+    """The run's own per-client test accuracies at ``server_round`` (results.json)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    (evaluation,) = [e for e in results["evaluations"] if e["round"] == server_round]
+    return {int(c): m["test_acc"] for c, m in evaluation["per_client"].items()}
+
+
+@pytest.fixture(scope="module")
+def pc_run(tmp_path_factory):
+    """A short pFedHN-PC simulation; its clients' heads live only in their state."""
+    run_dir = tmp_path_factory.mktemp("pc_run")
+    cfg = compose_config(TINY_OVERRIDES + SHORT + PC)
+    results = run(cfg, run_dir)
+    return run_dir, prepare(cfg), results
+
+
+@pytest.mark.simulation
+def test_export_pc_models_with_their_heads_score_what_the_run_recorded(pc_run):
+    run_dir, settings, results = pc_run
+    for which, server_round in (("best", results["best_round"]), ("last", 8)):
+        export(run_dir, which)
+        index, accuracies = exported_test_accuracies(run_dir, settings)
+        assert {e["round"] for e in index["clients"].values()} == {server_round}
+        assert accuracies == recorded(run_dir, server_round)  # exactly, client by client
+        assert all(e["head"] == {"in": 84, "out": 10} for e in index["clients"].values())
+    # Weights only: the files are plain state dicts, the head's among them.
+    state = torch.load(run_dir / MODELS_DIR / "client_3.pt", weights_only=True)
+    assert {"head.fc.weight", "standardize.mean", "network.conv1.weight"} <= set(state)
+
+
+@pytest.mark.simulation
+def test_export_without_a_head_is_not_the_model_the_run_evaluated(pc_run):
+    """The head matters: the same body with a freshly drawn head scores otherwise."""
+    run_dir, settings, _ = pc_run
+    export(run_dir, "last", clients=[0, 1, 2, 3])
+    _, accuracies = exported_test_accuracies(run_dir, settings)
+    changed = 0
+    for client in range(4):
+        model = load_client_model(run_dir, client)
+        torch.nn.init.normal_(model.head.fc.weight)
+        data = federated_data(data_spec(settings), settings.dataset.root, settings.split)[client]
+        with torch.inference_mode():
+            acc = (model(data.test_x.float() / 255).argmax(1) == data.test_y).float().mean()
+        changed += abs(acc.item() - accuracies[client]) > 1e-9
+    assert changed >= 3
+
+
+@pytest.mark.simulation
+def test_export_command_line_and_its_bad_input(pc_run, tmp_path, capsys):
+    run_dir, _, results = pc_run
+    main([str(run_dir), "round=best", "clients=1,3"])
+    assert f"2 client models of round best ({results['best_round']})" in capsys.readouterr().out
+    index = json.loads((run_dir / MODELS_DIR / INDEX).read_text())
+    assert sorted(index["clients"]) == ["1", "3"] and index["variant"] == "pFedHN-PC"
+    bad = {
+        (str(tmp_path / "nowhere"),): "no such run directory",
+        (str(tmp_path),): "not a run directory (no config.yaml)",
+        (str(run_dir), "round=worst"): "round=worst: choose best or last",
+        (str(run_dir), "clients=2,9"): "clients=9: this run has clients 0-3",
+        (str(run_dir), "clients=seven"): "clients=seven: give all or partition ids",
+        (str(run_dir), "epoch=3"): "epoch=3: expected round=best|last",
+        (): "usage: python -m pFedHN.export <run dir>",
+    }
+    for argv, message in bad.items():
+        with pytest.raises(SystemExit) as stop:
+            main(list(argv))
+        assert str(stop.value).startswith("error: ") and message in str(stop.value)
+
+
+@pytest.mark.simulation
+def test_export_of_a_run_without_best_state_offers_round_last(pc_run, tmp_path):
+    run_dir, settings, _ = pc_run
+    older = tmp_path / "older"
+    shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns(checkpoint.BEST_DIR))
+    with pytest.raises(ExportError, match="older version.*round=last"):
+        export(older, "best")
+    export(older, "last")
+    _, accuracies = exported_test_accuracies(older, settings)
+    assert accuracies == recorded(older, 8)
+
+
+@pytest.mark.simulation
+def test_export_loader_refuses_a_tampered_index_or_file(pc_run, tmp_path):
+    run_dir, _, _ = pc_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    export(copy, "last", clients=[0, 1])
+    index_path = copy / MODELS_DIR / INDEX
+    index = json.loads(index_path.read_text())
+    # Another network than the weights were made for.
+    index["clients"]["0"]["network"]["kwargs"]["n_kernels"] = 16
+    # A file that is not the one exported.
+    weights = torch.load(copy / MODELS_DIR / "client_1.pt", weights_only=True)
+    weights["head.fc.bias"] += 1
+    torch.save(weights, copy / MODELS_DIR / "client_1.pt")
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ExportError, match="does not load as the network"):
+        load_client_model(copy, 0)
+    with pytest.raises(ExportError, match="not the file index.json names"):
+        load_client_model(copy, 1)
+    with pytest.raises(ExportError, match="no model of client 2; exported: 0, 1"):
+        load_client_model(copy, 2)
+    with pytest.raises(ExportError, match="no index.json"):
+        load_client_model(tmp_path, 0)
+
+
+def test_export_keeps_the_best_rounds_state_and_prunes_what_no_resume_needs(tmp_path):
+    """The state of a round is saved when it becomes the best, and dropped once superseded
+    by a checkpoint; a resume forgets best rounds it will evaluate again."""
+    settings = Settings.from_config(compose_config(TINY_OVERRIDES + SHORT))
+    experiment = start_experiment(settings, tmp_path)
+    strategy = experiment.strategy
+
+    def evaluate(server_round, val_acc):
+        metrics = {k: 0.5 for k in ("test_acc", "val_loss", "test_acc_min", "test_acc_max")}
+        strategy.on_evaluate(server_round, metrics | {"val_acc": val_acc}, {})
+
+    def hnet_at(server_round):
+        return checkpoint.load_best(tmp_path, settings, server_round)["model"]["hnet"]
+
+    evaluate(0, 0.1)
+    for parameter in strategy.hnet.parameters():
+        parameter.data += 1.0  # training moved the hypernetwork
+    evaluate(2, 0.3)
+    snapshot = {k: v.clone() for k, v in strategy.hnet.state_dict().items()}
+    for parameter in strategy.hnet.parameters():
+        parameter.data += 1.0
+    evaluate(4, 0.3)  # a tie: the first round stays the best
+    evaluate(6, 0.2)
+    assert checkpoint.best_rounds(tmp_path) == [0, 2]
+    assert all(torch.equal(hnet_at(2)[k], v) for k, v in snapshot.items())
+    assert not torch.equal(hnet_at(0)["embeddings.weight"], snapshot["embeddings.weight"])
+    strategy.on_fit(8, [{"partition-id": 0}], {})  # round 8's checkpoint: 0 is gone for good
+    assert checkpoint.best_rounds(tmp_path) == [2]
+    evaluate(8, 0.9)
+    assert checkpoint.best_rounds(tmp_path) == [2, 8]
+    # Resumed from round 8's checkpoint, which has seen rounds 0-6 only.
+    resumed = start_experiment(settings.replace(resume=str(tmp_path)), tmp_path)
+    assert checkpoint.best_rounds(tmp_path) == [2]
+    assert resumed.recorder.evaluations[-1]["round"] == 6
