@@ -11,12 +11,14 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, load_settings
 from pFedHN.dataset import DATASETS, SplitSettings, federated_data
-from pFedHN.main import run
+from pFedHN.export import export, load_client_model
+from pFedHN.main import prepare, run
 from pFedHN.models import MHHyper
 from pFedHN.strategy import Exchange, PFedHNStrategy, payload_bytes
 from pFedHN.zoo import make_client_model
 from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
 from tests.test_dataset import write_image_folder
+from tests.test_export import exported_test_accuracies, recorded
 from tests.test_strategy import CLIP, LR, MOMENTUM, WD, reference_step
 
 
@@ -231,8 +233,9 @@ def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
 
 
 @pytest.mark.simulation
-def test_three_architectures_learn_in_a_flower_simulation(tmp_path):
-    """MH-pFedHNGD end to end: sizes reported, both phases, batch-norm state kept."""
+def test_three_architectures_learn_in_a_flower_simulation_and_export_their_models(tmp_path):
+    """MH-pFedHNGD end to end: sizes reported, both phases, batch-norm state kept;
+    each client's exported network (its own architecture) scores what the run recorded."""
     names = ["mh-cnn", "mh-vgg8", "mh-resnet10"]  # the authors' zoo; only the ResNet has BN
     cfg = compose_config(TINY_OVERRIDES + [
         "algorithm=mh_pfedhngd", "num_clients=3", f"model.architectures=[{','.join(names)}]",
@@ -263,6 +266,19 @@ def test_three_architectures_learn_in_a_flower_simulation(tmp_path):
     for partition in range(3):  # batch-norm statistics mirrored for resume (not the CNN's)
         kept = list((tmp_path / "client_state" / str(partition)).glob("*.pt"))
         assert bool(kept) == (names[partition] == "mh-resnet10")
+    # Exported: each client's own architecture, the ResNet with its batch-norm statistics.
+    settings = prepare(cfg)
+    for which, server_round in (("best", results["best_round"]), ("last", 8)):
+        export(tmp_path, which)
+        index, accuracies = exported_test_accuracies(tmp_path, settings)
+        assert accuracies == recorded(tmp_path, server_round)
+        assert [index["clients"][str(i)]["network"]["name"] for i in range(3)] == names
+    resnet = load_client_model(tmp_path, 2).network  # statistics of its training, not 1s
+    assert not torch.equal(resnet.bn1.running_var, torch.ones_like(resnet.bn1.running_var))
+    # The global model (no batch norm: one for everyone) is exported beside them.
+    global_model = load_client_model(tmp_path, "global")
+    data = federated_data(DATASETS["mnist"], str(TINY_MNIST), settings.split)
+    assert global_model(data[0].test_x[:5].float() / 255).shape == (5, 10)
 
 
 @pytest.mark.parametrize("override,key", [
