@@ -23,7 +23,9 @@ from pFedHN.dataset import ClientData, cached_partition, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.files import write_atomic
 from pFedHN.models import LocalLayer
+from pFedHN.personal_model import personalized_model, write_index, write_model
 from pFedHN.settings import Settings
+from pFedHN.zoo import Network
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,21 @@ def discard_state_after(mirror_root: Path, server_round: int) -> None:
             path.unlink()
 
 
+@dataclass(frozen=True)
+class OwnModel:
+    """Deployment: where a SuperNode writes its model after the run's last round.
+
+    The server never sees a pFedHN-PC head or batch-norm statistics, so the
+    client writes its whole model itself (``personal_model``'s format), with
+    the ``network`` it trains.
+    """
+
+    folder: Path
+    network: Network
+    variant: str
+    final_round: int
+
+
 def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Batch norm's running statistics: the state that is not generated."""
     return {name: tensor.detach().cpu() for name, tensor in model.named_buffers()}
@@ -297,8 +314,10 @@ class PFedHNClient(NumPyClient):
         flat: bool = False,
         global_model: nn.Module | None = None,
         distillation: Distillation | None = None,
+        own_model: OwnModel | None = None,
     ) -> None:
         self.partition_id = partition_id
+        self.own_model = own_model
         self.device = torch.device(device)
         self.data = data.to(self.device)
         self.model = model.to(self.device)
@@ -414,7 +433,10 @@ class PFedHNClient(NumPyClient):
     def evaluate(
         self, parameters: list[np.ndarray], config: dict
     ) -> tuple[float, int, dict]:
-        """Evaluate the generated model on this client's val and test sets."""
+        """Evaluate the generated model on this client's val and test sets.
+
+        With ``own_model``, after the run's last round also write the model to its folder.
+        """
         self._load_theta(self.model, parameters, "buffers")
         head = self._head()[0] if self.local else None
         metrics: dict = {"partition-id": self.partition_id}
@@ -423,7 +445,22 @@ class PFedHNClient(NumPyClient):
             correct, loss_sum = evaluate_split(self.model, images, labels, self.data, head)
             metrics |= {f"{split}-correct": correct, f"{split}-loss-sum": loss_sum,
                         f"{split}-n": len(labels)}
+        server_round = config.get("server-round")
+        if self.own_model is not None and server_round == self.own_model.final_round:
+            self._write_own_model(head, metrics, int(server_round))
         return metrics["val-loss-sum"] / max(metrics["val-n"], 1), metrics["val-n"], metrics
+
+    def _write_own_model(self, head: LocalLayer | None, metrics: dict, server_round: int) -> None:
+        own = self.own_model
+        mean, std = self.data.mean.flatten().tolist(), self.data.std.flatten().tolist()
+        model = personalized_model(self.model, mean, std, head)
+        own.folder.mkdir(parents=True, exist_ok=True)
+        entry = write_model(own.folder, f"client_{self.partition_id}.pt", model, own.network)
+        entry |= {"partition_id": self.partition_id, "phase": "training", "round": server_round,
+                  **{f"{split}_acc": metrics[f"{split}-correct"] / max(metrics[f"{split}-n"], 1)
+                     for split in ("val", "test")}}
+        write_index(own.folder, own.variant, server_round, mean, std,
+                    {str(self.partition_id): entry})
 
 
 def make_client_app(settings: Settings, state_mirror_dir: Path | None = None) -> ClientApp:
@@ -474,13 +511,15 @@ def client_builder(
             settings.checkpoint_every,
         )
         architecture = context.node_config.get("architecture")  # a SuperNode's own
-        model = client_network(settings, partition_id,
-                               architecture and str(architecture)).build()
+        network = client_network(settings, partition_id, architecture and str(architecture))
+        model_dir = context.node_config.get("model-dir")  # a SuperNode's, for its model
+        own_model = model_dir and OwnModel(Path(str(model_dir)).expanduser(), network,
+                                           variant.name, settings.num_rounds)
         return PFedHNClient(
-            partition_id, data, model, loop, settings.seed, settings.model.out_dim,
+            partition_id, data, network.build(), loop, settings.seed, settings.model.out_dim,
             store, device, flat=variant.multi_head,
             global_model=global_network(settings).build() if variant.global_model else None,
-            distillation=distillation,
+            distillation=distillation, own_model=own_model or None,
         )
 
     return build_client

@@ -20,12 +20,10 @@ its node config; docs/deployment.md).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +35,22 @@ from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, initial_head, kept_state
 from pFedHN.config import client_network, data_spec, global_network
-from pFedHN.dataset import federated_data
-from pFedHN.files import write_atomic, write_json_atomic
-from pFedHN.models import LocalLayer
+from pFedHN.dataset import DataNotFoundError, federated_data
+from pFedHN.personal_model import (
+    MODELS_DIR,
+    ExportError,
+    load_client_model,
+    personalized_model,
+    write_index,
+    write_model,
+)
 from pFedHN.server import build_strategy
 from pFedHN.settings import ConfigError, Settings
 from pFedHN.zoo import Network
 
-MODELS_DIR = "models"
-INDEX = "index.json"
+__all__ = ["ExportError", "export", "load_client_model", "main"]
+
 ROUNDS = ("best", "last")
-
-
-class ExportError(ValueError):
-    """A run, round or client that cannot be exported, or an export that does not load."""
-
-
-class Standardize(nn.Module):
-    """The clients' input normalisation, ``(x - mean) / std``, on images in [0, 1]."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise a batch as the client did before training on it."""
-        return (x - self.mean) / self.std
-
-
-def personalized_model(network: nn.Module, mean: Sequence[float], std: Sequence[float],
-                       head: nn.Module | None = None) -> nn.Sequential:
-    """A client's whole model: normalisation, its network, and pFedHN-PC's private head."""
-    parts = OrderedDict(standardize=Standardize(mean, std), network=network)
-    if head is not None:
-        parts["head"] = head
-    return nn.Sequential(parts)
 
 
 def run_settings(run_dir: Path) -> Settings:
@@ -98,7 +76,13 @@ def _normalization(settings: Settings) -> tuple[list[float], list[float]]:
     spec = data_spec(settings, on_disk=False)
     if spec.mean is not None and spec.std is not None:
         return list(spec.mean), list(spec.std)
-    data = federated_data(data_spec(settings), settings.dataset.root, settings.split)[0]
+    try:
+        data = federated_data(data_spec(settings), settings.dataset.root, settings.split)[0]
+    except (DataNotFoundError, OSError) as error:
+        raise ExportError(
+            f"the clients normalised with a mean and std measured on their images "
+            f"(dataset.mean/std were null), which this machine lacks ({error}); export where "
+            "the data is, or read each SuperNode's own model (node config model-dir)") from None
     return data.mean.flatten().tolist(), data.std.flatten().tolist()
 
 
@@ -217,17 +201,13 @@ def export(run_dir: str | Path, round: str = "best",  # noqa: A002 - the CLI's k
             accuracies = {"val_acc": None, "test_acc": after.get("test_acc_after")}
         else:
             accuracies = _accuracies(evaluations.get(source.round), partition_id)
-        entries[str(partition_id)] = _write(out, f"client_{partition_id}.pt", model) | {
+        entries[str(partition_id)] = write_model(
+            out, f"client_{partition_id}.pt", model, network) | {
             "partition_id": partition_id, "phase": source.phase, "round": source.round,
-            "network": asdict(network), **_head_entry(model), **accuracies,
-        }
-    index = {"variant": settings.variant.name, "round": round,
-             "normalization": dict(zip(("mean", "std"), normalization, strict=True)),
-             "input": "images scaled to [0, 1], N x C x H x W (torchvision's ToTensor)",
-             "clients": entries}
-    if settings.variant.global_model:
-        index["global_model"] = _export_global(out, settings, training, normalization)
-    return write_json_atomic(out / INDEX, index)
+            **accuracies}
+    global_model = _export_global(out, settings, training, normalization) \
+        if settings.variant.global_model else None
+    return write_index(out, settings.variant.name, round, *normalization, entries, global_model)
 
 
 def _novel_source(run_dir: Path, settings: Settings) -> _Source:
@@ -238,12 +218,6 @@ def _novel_source(run_dir: Path, settings: Settings) -> _Source:
     saved = checkpoint.load(run_dir, settings, phase)
     return _Source(settings, saved["round"], saved["strategy"],
                    _mirrored(run_dir / NOVEL_STATE_DIR, settings, saved["round"]), "novel")
-
-
-def _head_entry(model: nn.Sequential) -> dict[str, Any]:
-    head = getattr(model, "head", None)
-    return {"head": None if head is None else {"in": head.fc.in_features,
-                                               "out": head.fc.out_features}}
 
 
 def _export_global(out: Path, settings: Settings, source: _Source,
@@ -259,48 +233,7 @@ def _export_global(out: Path, settings: Settings, source: _Source,
     body.load_state_dict({name: piece.view(p.shape) for (name, p), piece in
                           zip(body.named_parameters(), pieces, strict=True)})
     model = personalized_model(body, *normalization)
-    return _write(out, "global.pt", model) | {"round": source.round, "network": asdict(network)}
-
-
-def _write(out: Path, filename: str, model: nn.Module) -> dict[str, str]:
-    path = write_atomic(out / filename, lambda tmp: torch.save(model.state_dict(), tmp))
-    return {"file": filename, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_client_model(run_dir: str | Path, client: int | str = 0,
-                      models_dir: str | Path | None = None) -> nn.Module:
-    """Client ``client``'s exported model (or ``"global"``: MH-pFedHNGD's), in eval mode.
-
-    Reads ``<run_dir>/models`` (or ``models_dir``); runs no code from the
-    files. Refuses a file that is not the one the index names, or weights that
-    do not fit the network the index describes.
-    """
-    folder = Path(models_dir) if models_dir else Path(run_dir) / MODELS_DIR
-    if not (folder / INDEX).is_file():
-        raise ExportError(f"{folder}: no {INDEX}; run python -m pFedHN.export {run_dir} first")
-    index = json.loads((folder / INDEX).read_text())
-    entry = index.get("global_model") if client == "global" else \
-        index.get("clients", {}).get(str(client))
-    if entry is None:
-        raise ExportError(f"{folder}: no model of client {client}; exported: "
-                          f"{', '.join(index.get('clients', {})) or 'none'}")
-    path = folder / entry["file"]
-    if not path.is_file() or _sha256(path) != entry["sha256"]:
-        raise ExportError(f"{path}: not the file {INDEX} names (missing or changed)")
-    try:
-        head = entry.get("head")
-        model = personalized_model(
-            Network(**entry["network"]).build(), index["normalization"]["mean"],
-            index["normalization"]["std"], head and LocalLayer(head["in"], head["out"]))
-        model.load_state_dict(torch.load(path, weights_only=True))
-    except (ValueError, RuntimeError, TypeError, KeyError) as error:
-        raise ExportError(f"{path}: does not load as the network {INDEX} describes "
-                          f"({str(error).splitlines()[0]})") from None
-    return model.eval()
+    return write_model(out, "global.pt", model, network) | {"round": source.round}
 
 
 def _parse(argv: Sequence[str]) -> tuple[str, str, list[int] | None]:

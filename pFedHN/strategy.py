@@ -538,8 +538,9 @@ class PFedHNStrategy(Strategy):
         self._discover_partitions(client_manager, server_round)
         self._evaluation_start = time.perf_counter()
         thetas = self.generate_many(self.clients)
+        config: dict[str, Scalar] = {"server-round": server_round + self.start_round}
         instructions = [
-            (self.node_of[i], EvaluateIns(ndarrays_to_parameters(theta), {}))
+            (self.node_of[i], EvaluateIns(ndarrays_to_parameters(theta), config))
             for i, theta in zip(self.clients, thetas, strict=True)
         ]
         self._bytes_sent = sum(payload_bytes(ins.parameters) for _, ins in instructions)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pFedHN.credentials import make_credentials
+from pFedHN.export import ExportError, export, load_client_model
 from tests.conftest import REPO, TINY_MNIST, write_image_folder
 
 pytestmark = pytest.mark.deployment
@@ -160,7 +161,7 @@ def test_deploy_folder_data_on_a_secure_federation_the_server_without_images_and
             f"supernode{i}", "flower-supernode", "--root-certificates", ca,
             "--superlink", superlink, "--port", str(free_port()),
             "--auth-supernode-private-key", str(credentials / f"supernode_{i}"),
-            "--node-config", f"partition-id={i}", cwd=node_dir,
+            "--node-config", f"partition-id={i} model-dir='models_{i}'", cwd=node_dir,
         )
 
     for i in range(3):
@@ -182,6 +183,16 @@ def test_deploy_folder_data_on_a_secure_federation_the_server_without_images_and
     assert (run_dir / "checkpoint.pt").exists()
     assert results["evaluations"][-1]["test_acc"] > 1 / 6  # the classes are learnable
     assert not (link_dir / "images").exists()
+    # Each SuperNode wrote its own model of the last round, as the run evaluated it; the
+    # server, without the images its clients measured their normalisation on, cannot.
+    for i in range(3):
+        index = json.loads((node_dir / f"models_{i}" / "index.json").read_text())
+        recorded = results["evaluations"][-1]["per_client"][str(i)]
+        assert index["clients"][str(i)]["test_acc"] == recorded["test_acc"]
+        assert index["round"] == 2
+        load_client_model(None, i, node_dir / f"models_{i}")
+    with pytest.raises(ExportError, match="measured on their images"):
+        export(run_dir, "last")
     # Each SuperNode decoded its partition once; later messages read it from disk.
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "pfedhn").iterdir())
     assert cached == ["partition0", "partition1", "partition2"]

@@ -5,12 +5,16 @@ import shutil
 
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 
 from pFedHN import checkpoint
+from pFedHN.client import LocalStore, client_builder
 from pFedHN.config import data_spec
 from pFedHN.dataset import federated_data
-from pFedHN.export import INDEX, MODELS_DIR, ExportError, export, load_client_model, main
+from pFedHN.export import ExportError, export, load_client_model, main
 from pFedHN.main import prepare, run, start_experiment
+from pFedHN.personal_model import INDEX, MODELS_DIR
+from pFedHN.server import build_strategy
 from pFedHN.settings import Settings
 from tests.conftest import TINY_OVERRIDES, compose_config
 
@@ -173,3 +177,27 @@ def test_export_keeps_the_best_rounds_state_and_prunes_what_no_resume_needs(tmp_
     resumed = start_experiment(settings.replace(resume=str(tmp_path)), tmp_path)
     assert checkpoint.best_rounds(tmp_path) == [2]
     assert resumed.recorder.evaluations[-1]["round"] == 6
+
+
+def test_export_by_a_supernode_of_its_own_pc_model_after_the_last_round(tmp_path):
+    """Deployment: the server never sees the head; the client writes its whole model."""
+    settings = prepare(compose_config(TINY_OVERRIDES + SHORT + PC))
+    strategy = build_strategy(settings)
+    folder = tmp_path / "node1_models"
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                      node_config={"partition-id": 1, "model-dir": str(folder)})
+    client = client_builder(settings)(context)
+    theta = strategy.generate(1)
+    client.fit(theta, {"server-round": 7})  # trains the head, kept in Context.state
+    client.evaluate(theta, {"server-round": 7})
+    assert not folder.exists()  # not the last round yet
+    _, _, metrics = client_builder(settings)(context).evaluate(theta, {"server-round": 8})
+    model = load_client_model(None, 1, folder)
+    data = federated_data(data_spec(settings), settings.dataset.root, settings.split)[1]
+    with torch.inference_mode():
+        correct = (model(data.test_x.float() / 255).argmax(1) == data.test_y).sum().item()
+    assert correct == metrics["test-correct"]
+    entry = json.loads((folder / INDEX).read_text())["clients"]["1"]
+    assert entry["round"] == 8 and entry["test_acc"] == correct / len(data.test_y)
+    trained_head = LocalStore(context.state).load("head")
+    assert torch.equal(model.head.fc.weight, trained_head["fc.weight"])
