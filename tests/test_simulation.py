@@ -16,6 +16,7 @@ from pFedHN.server import build_strategy, make_server_app
 from pFedHN.settings import Settings
 from pFedHN.strategy import payload_bytes
 from tests.conftest import REPO, TINY_MNIST, TINY_OVERRIDES, compose_config
+from tests.test_export import exported_test_accuracies, recorded
 
 pytestmark = pytest.mark.simulation
 
@@ -51,7 +52,7 @@ def test_pfedhn_pc_head_after_round_r_is_the_one_trained_in_round_r_minus_1():
     assert revisited >= 6  # 12 rounds over 3 clients: most fits are revisits
 
 
-def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
+def test_main_end_to_end_learns_writes_its_outputs_and_exports_its_models(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "pFedHN.main", *TINY_OVERRIDES, "num_clients=5",
@@ -97,3 +98,11 @@ def test_main_end_to_end_learns_and_writes_its_outputs(tmp_path):
     assert results["training_check"]["status"] == "ok"
     assert results["training_check"]["majority_class_val_acc"] < last["val_acc"]
     assert "split: 5 clients" in (run_dir / "main.log").read_text()
+    # Its personalized models, from the command line: each scores on its client's test
+    # split exactly what the run recorded at the best-validation round.
+    exported = subprocess.run([sys.executable, "-m", "pFedHN.export", str(run_dir)], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"5 client models of round best ({best['round']})" in exported.stdout
+    _, accuracies = exported_test_accuracies(run_dir, settings)
+    assert accuracies == recorded(run_dir, best["round"])
