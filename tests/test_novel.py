@@ -11,12 +11,14 @@ from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR
 from pFedHN.dataset import SplitSettings, client_indices
+from pFedHN.export import export
 from pFedHN.main import novel_checkpointer, prepare, run, run_novel, trained_strategy
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.novel import distribution_shift, novel_summary
 from pFedHN.server import build_strategy
 from pFedHN.strategy import PFedHNStrategy
 from tests.conftest import TINY_OVERRIDES, compose_config
+from tests.test_export import exported_test_accuracies, recorded
 
 
 def test_embedding_training_moves_only_the_novel_embeddings():
@@ -84,6 +86,14 @@ def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
     # measured: 0.09 before, 0.66 after (one seed)
     assert novel["test_acc_after"] > novel["test_acc_before"] + 0.2
     assert (tmp_path / "train" / "novel_clients.png").stat().st_size > 0
+    # Their exported models (the novel phase's last round) score what it reported.
+    export(tmp_path / "train", "best", clients=[0, 6, 7])
+    index, accuracies = exported_test_accuracies(tmp_path / "train", prepare(
+        compose_config(overrides)))
+    assert [index["clients"][c]["phase"] for c in ("0", "6", "7")] == ["training", "novel", "novel"]
+    assert {c: accuracies[c] for c in (6, 7)} == \
+        {c["partition_id"]: c["test_acc_after"] for c in novel["clients"]}
+    assert accuracies[0] == recorded(tmp_path / "train", trained["best_round"])[0]
 
     # From the finished run: the hypernetwork stays bit for bit as trained.
     cfg = prepare(compose_config(overrides + [f"novel.from_run={tmp_path / 'train'}",
