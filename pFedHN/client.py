@@ -283,6 +283,22 @@ class OwnModel:
     final_round: int
 
 
+def named_theta(model: nn.Module, arrays: list[torch.Tensor],
+                flat: bool = False) -> OrderedDict[str, torch.Tensor]:
+    """Generated weights by ``model``'s parameter names, in the order they arrive.
+
+    ``flat``: MH-pFedHN's one vector, which only the client's architecture cuts
+    into its tensors.
+    """
+    shapes = OrderedDict((name, p.shape) for name, p in model.named_parameters())
+    if flat:
+        (vector,) = arrays
+        arrays = [piece.view(shape) for piece, shape in
+                  zip(vector.split([s.numel() for s in shapes.values()]), shapes.values(),
+                      strict=True)]
+    return OrderedDict(zip(shapes, arrays, strict=True))
+
+
 def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Batch norm's running statistics: the state that is not generated."""
     return {name: tensor.detach().cpu() for name, tensor in model.named_buffers()}
@@ -342,14 +358,8 @@ class PFedHNClient(NumPyClient):
         self, model: nn.Module, parameters: list[np.ndarray], buffers: str
     ) -> OrderedDict[str, torch.Tensor]:
         """Put theta into ``model`` (and its saved ``buffers``); return theta by name."""
-        shapes = OrderedDict((name, p.shape) for name, p in model.named_parameters())
-        arrays = [torch.from_numpy(a).to(self.device) for a in parameters]
-        if self.flat:  # MH-pFedHN: cut the flat vector into this architecture's tensors
-            (vector,) = arrays
-            arrays = [piece.view(shape) for piece, shape in
-                      zip(vector.split([s.numel() for s in shapes.values()]), shapes.values(),
-                          strict=True)]
-        theta = OrderedDict(zip(shapes, arrays, strict=True))
+        theta = named_theta(model, [torch.from_numpy(a).to(self.device) for a in parameters],
+                            self.flat)
         saved = self.store.load(buffers) if self.store is not None else None
         # Every parameter is in theta; only buffers may be missing, before the
         # first fit, and then keep their initial values.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from torch import nn
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
-from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, initial_head, kept_state
+from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, initial_head, kept_state, named_theta
 from pFedHN.config import client_network, data_spec, global_network
 from pFedHN.dataset import DataNotFoundError, federated_data
 from pFedHN.personal_model import (
@@ -96,6 +95,10 @@ class _Source:
         self.strategy = build_strategy(settings)
         self.strategy.load_model_state(model)
 
+    def generated(self, partition_id: int) -> list[torch.Tensor]:
+        """Theta of ``partition_id`` (or of MH-pFedHNGD's virtual global client)."""
+        return [torch.from_numpy(a) for a in self.strategy.generate(partition_id)]
+
     def kept(self, partition_id: int, network: nn.Module) -> dict | None:
         """What the client kept at this round; refused where it kept something the server lacks."""
         variant = self.settings.variant
@@ -113,12 +116,7 @@ class _Source:
     def model(self, partition_id: int, network: Network, normalization) -> nn.Sequential:
         """Client ``partition_id``'s model as it was evaluated at this round."""
         body = network.build()
-        shapes = OrderedDict((name, p.shape) for name, p in body.named_parameters())
-        arrays = [torch.from_numpy(a) for a in self.strategy.generate(partition_id)]
-        if self.settings.variant.multi_head:  # one flat vector, cut as the client cuts it
-            arrays = list(arrays[0].split([s.numel() for s in shapes.values()]))
-        theta = {name: a.view(shape) for (name, shape), a in
-                 zip(shapes.items(), arrays, strict=True)}
+        theta = named_theta(body, self.generated(partition_id), self.settings.variant.multi_head)
         kept = self.kept(partition_id, body) or {}
         body.load_state_dict(theta | kept.get("buffers", {}), strict=False)
         head = None
@@ -226,12 +224,9 @@ def _export_global(out: Path, settings: Settings, source: _Source,
     network = global_network(settings)
     if any(True for _ in network.build().buffers()):
         return None  # each client holds its own statistics of it: no one global model
-    global_id = settings.partitions  # the hypernetwork's virtual last client
-    vector = torch.from_numpy(source.strategy.generate(global_id)[0])
     body = network.build()
-    pieces = vector.split([p.numel() for p in body.parameters()])
-    body.load_state_dict({name: piece.view(p.shape) for (name, p), piece in
-                          zip(body.named_parameters(), pieces, strict=True)})
+    # The hypernetwork's virtual last client, after the partitions.
+    body.load_state_dict(named_theta(body, source.generated(settings.partitions), flat=True))
     model = personalized_model(body, *normalization)
     return write_model(out, "global.pt", model, network) | {"round": source.round}
 
