@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -35,6 +36,12 @@ class Phase:
     may_change: tuple[str, ...]  # settings a resume may change (see MAY_CHANGE)
     rounds_key: str  # the setting that says how many rounds the phase has
 
+    @property
+    def previous(self) -> str:
+        """The checkpoint before the latest, kept to fall back on if the latest is damaged."""
+        stem, _, suffix = self.filename.rpartition(".")
+        return f"{stem}.previous.{suffix}"
+
     def num_rounds(self, settings: Settings) -> int:
         """How many rounds the phase has in ``settings``."""
         return attrgetter(self.rounds_key)(settings)
@@ -59,6 +66,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or from another experiment."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file that is missing, truncated or corrupt."""
+
+
 def identity(settings: Settings, phase: Phase = TRAINING) -> dict[str, Any]:
     """Every setting that defines the experiment (up to ``phase``), as ``{"a.b": value}``."""
     flat = flatten(settings.as_dict())
@@ -68,17 +79,36 @@ def identity(settings: Settings, phase: Phase = TRAINING) -> dict[str, Any]:
 
 def save(run_dir: Path, settings: Settings, server_round: int, phase: Phase = TRAINING,
          **states: dict) -> Path:
-    """Write ``run_dir/<phase's file>`` (atomically)."""
+    """Write ``run_dir/<phase's file>`` (atomically); the one it replaces becomes ``previous``."""
     payload = {"round": server_round, "identity": identity(settings, phase), **states}
-    return write_atomic(Path(run_dir) / phase.filename, lambda tmp: torch.save(payload, tmp))
+    path, previous = Path(run_dir) / phase.filename, Path(run_dir) / phase.previous
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        if path.exists():  # killed between the two renames: load falls back on previous
+            os.replace(path, previous)
+
+    return write_atomic(path, write)
 
 
 def load(run_dir: Path, settings: Settings, phase: Phase = TRAINING) -> dict[str, Any]:
-    """Read and check a checkpoint completely before anything uses it."""
-    path = Path(run_dir) / phase.filename
-    if not path.exists():
+    """Read and check a checkpoint completely before anything uses it.
+
+    A missing, truncated or corrupt latest checkpoint falls back on the one
+    before it (``Phase.previous``), saying so; a checkpoint of another
+    experiment is refused whichever it is.
+    """
+    path, previous = Path(run_dir) / phase.filename, Path(run_dir) / phase.previous
+    if not path.exists() and not previous.exists():
         raise CheckpointError(f"resume={run_dir}: no {phase.filename} in that run directory")
-    payload = _read(path, f"resume={run_dir}", settings, phase, ("strategy", "recorder"))
+    parts = ("strategy", "recorder")
+    try:
+        payload = _read(path, f"resume={run_dir}", settings, phase, parts)
+    except DamagedCheckpointError as damage:
+        if not previous.exists():
+            raise
+        payload = _read(previous, f"resume={run_dir}", settings, phase, parts)
+        log.warning("%s; falling back on %s (round %d)", damage, previous.name, payload["round"])
     server_round = payload["round"]
     num_rounds = phase.num_rounds(settings)
     if server_round > num_rounds:
@@ -92,13 +122,16 @@ def load(run_dir: Path, settings: Settings, phase: Phase = TRAINING) -> dict[str
 def _read(path: Path, context: str, settings: Settings, phase: Phase,
           parts: tuple[str, ...]) -> dict[str, Any]:
     """A saved payload with ``parts``, of the experiment ``settings`` describe (else refused)."""
+    if not path.exists():
+        raise DamagedCheckpointError(f"{context}: {path} is missing")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
         saved, server_round = payload["identity"], int(payload["round"])
         for part in parts:
             payload[part]  # noqa: B018 - each must be present
     except Exception as error:  # noqa: BLE001 - any unreadable file is refused alike
-        raise CheckpointError(f"{context}: {path} is corrupt or incomplete ({error})") from None
+        raise DamagedCheckpointError(
+            f"{context}: {path} is corrupt or incomplete ({error})") from None
     ours = identity(settings, phase)
     differing = [f"{k}: checkpoint {saved[k]!r}, config {v!r}"
                  for k, v in ours.items() if k in saved and saved[k] != v]

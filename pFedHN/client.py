@@ -242,10 +242,13 @@ class LocalStore:
         everything = {name: record.to_torch_state_dict() for name, record in self.state.items()
                       if isinstance(record, ArrayRecord)}
         write_atomic(path, lambda tmp: torch.save(everything, tmp))
-        # The server checkpointed last at or before this round's start; a resume
-        # needs the newest state up to that round, and anything newer.
-        last_checkpoint = (server_round - 1) // self.checkpoint_every * self.checkpoint_every
-        older = [p for p in sorted(self.mirror_dir.glob("*.pt")) if int(p.stem) <= last_checkpoint]
+        # The server checkpointed last at or before this round's start, and keeps the
+        # checkpoint before that to fall back on; a resume from either needs the newest
+        # state up to its round, and anything newer.
+        every = self.checkpoint_every
+        previous_checkpoint = ((server_round - 1) // every - 1) * every
+        older = [p for p in sorted(self.mirror_dir.glob("*.pt"))
+                 if int(p.stem) <= previous_checkpoint]
         for stale in older[:-1]:
             stale.unlink()
 

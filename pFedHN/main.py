@@ -147,8 +147,11 @@ def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None
             checkpoint.save(run_dir, settings, server_round,
                             strategy=strategy.state_dict(server_round),
                             recorder=recorder.state_dict())
-            # A resume from here never goes back past today's best round.
-            checkpoint.prune_best(run_dir, before=summarize(recorder.evaluations)["best_round"])
+            # A resume, from this checkpoint or the one before it (its fallback), never
+            # goes back past the best round of that one.
+            before_previous = [e for e in recorder.evaluations
+                               if e["round"] < server_round - settings.checkpoint_every]
+            checkpoint.prune_best(run_dir, before=summarize(before_previous)["best_round"])
 
     def on_evaluate(server_round: int, metrics: dict, per_client: dict) -> None:
         recorder.on_evaluate(server_round, metrics, per_client)

@@ -129,7 +129,8 @@ def test_pc_head_and_momentum_persist_in_the_state_record(device):
 
 def test_head_mirror_keeps_what_a_resume_needs_and_restores_it(tmp_path):
     """Simulation mirror: with checkpoints every 3 rounds, a resume from the last
-    checkpoint finds the head as it was then, in a fresh Context.state."""
+    checkpoint, or from the one before it (its fallback), finds the head as it was
+    then, in a fresh Context.state."""
     mirror = tmp_path / "3"  # <mirror root>/<partition id>/<round>.pt
     arrays = [v.detach().numpy() for v in CNNTarget(**KW, local=True).state_dict().values()]
     state = RecordDict()
@@ -137,11 +138,18 @@ def test_head_mirror_keeps_what_a_resume_needs_and_restores_it(tmp_path):
     for server_round in (1, 2, 4, 5, 7):
         client, _ = make_client(state=state, local=True, mirror=mirror)
         fingerprints[server_round] = client.fit(arrays, {"server-round": server_round})[2]
-    # last checkpoint before round 7 started: round 6 -> keep round 5 (newest <= 6) and 7
-    assert sorted(p.stem for p in mirror.glob("*.pt")) == ["00000005", "00000007"]
+    # Checkpoints before round 7 started: round 6, and round 3 before it -> keep round 2
+    # (the newest <= 3) and everything newer.
+    kept = ["00000002", "00000004", "00000005", "00000007"]
+    assert sorted(p.stem for p in mirror.glob("*.pt")) == kept
     discard_state_after(tmp_path, 6)  # resume from the round-6 checkpoint
-    assert sorted(p.stem for p in mirror.glob("*.pt")) == ["00000005"]
+    assert sorted(p.stem for p in mirror.glob("*.pt")) == kept[:3]
     client, _ = make_client(state=RecordDict(), local=True, mirror=mirror)  # new process
     resumed = client.fit(arrays, {"server-round": 7})[2]
     assert resumed["head-fingerprint-in"] == fingerprints[5]["head-fingerprint-out"]
     assert resumed["head-fingerprint-out"] == fingerprints[7]["head-fingerprint-out"]
+    discard_state_after(tmp_path, 3)  # the round-6 checkpoint damaged: round 3's instead
+    client, _ = make_client(state=RecordDict(), local=True, mirror=mirror)
+    resumed = client.fit(arrays, {"server-round": 4})[2]
+    assert resumed["head-fingerprint-in"] == fingerprints[2]["head-fingerprint-out"]
+    assert resumed["head-fingerprint-out"] == fingerprints[4]["head-fingerprint-out"]

@@ -146,7 +146,8 @@ def test_export_loader_refuses_a_tampered_index_or_file(pc_run, tmp_path):
 def test_export_keeps_the_best_rounds_state_and_prunes_what_no_resume_needs(tmp_path):
     """The state of a round is saved when it becomes the best, and dropped once superseded
     by a checkpoint; a resume forgets best rounds it will evaluate again."""
-    settings = Settings.from_config(compose_config(TINY_OVERRIDES + SHORT))
+    settings = Settings.from_config(compose_config(TINY_OVERRIDES + SHORT +
+                                                   ["checkpoint_every=2"]))
     experiment = start_experiment(settings, tmp_path)
     strategy = experiment.strategy
 
@@ -169,7 +170,9 @@ def test_export_keeps_the_best_rounds_state_and_prunes_what_no_resume_needs(tmp_
     assert checkpoint.best_rounds(tmp_path) == [0, 2]
     assert all(torch.equal(hnet_at(2)[k], v) for k, v in snapshot.items())
     assert not torch.equal(hnet_at(0)["embeddings.weight"], snapshot["embeddings.weight"])
-    strategy.on_fit(8, [{"partition-id": 0}], {})  # round 8's checkpoint: 0 is gone for good
+    # Round 8's checkpoint: the one before it (its fallback, round 6) has seen rounds 0-4,
+    # whose best is 2: round 0 is gone for good.
+    strategy.on_fit(8, [{"partition-id": 0}], {})
     assert checkpoint.best_rounds(tmp_path) == [2]
     evaluate(8, 0.9)
     assert checkpoint.best_rounds(tmp_path) == [2, 8]

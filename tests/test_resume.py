@@ -137,6 +137,32 @@ def test_corrupt_or_missing_checkpoint_is_refused(saved_run, tmp_path):
         checkpoint.load(tmp_path / "elsewhere", cfg)
 
 
+def test_a_damaged_checkpoint_falls_back_on_the_one_before_it(saved_run, caplog):
+    run_dir, cfg = saved_run
+    strategy = build_strategy(cfg)
+    recorder = {"evaluations": [], "failed_rounds": [], "client_failures": [],
+                "rounds_completed": 20, "wall_time_s": 2.0}
+    checkpoint.save(run_dir, cfg, 20, strategy=strategy.state_dict(20), recorder=recorder)
+    latest, previous = run_dir / checkpoint.FILENAME, run_dir / checkpoint.TRAINING.previous
+    assert checkpoint.load(run_dir, cfg)["round"] == 20
+    assert torch.load(previous, weights_only=False)["round"] == 10  # the last two are kept
+    for damage in (lambda: latest.write_bytes(latest.read_bytes()[:1000]),  # truncated
+                   latest.unlink):  # killed between the two renames of a save
+        damage()
+        assert checkpoint.load(run_dir, cfg)["round"] == 10
+        assert f"falling back on {previous.name} (round 10)" in caplog.text
+        caplog.clear()
+    previous.write_bytes(b"not a checkpoint either")
+    with pytest.raises(CheckpointError, match="previous.pt is corrupt"):
+        checkpoint.load(run_dir, cfg)
+    # Another experiment's checkpoint is refused, not passed over for an older one.
+    checkpoint.save(run_dir, cfg, 30, strategy=strategy.state_dict(30), recorder=recorder)
+    checkpoint.save(run_dir, small_settings("seed=3"), 40,
+                    strategy=strategy.state_dict(40), recorder=recorder)
+    with pytest.raises(CheckpointError, match="another experiment"):
+        checkpoint.load(run_dir, cfg)
+
+
 def test_strategy_state_round_trips(saved_run):
     run_dir, cfg = saved_run
     fresh = build_strategy(small_settings("seed=3"))  # other initial weights
