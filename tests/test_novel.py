@@ -77,13 +77,15 @@ def test_distribution_shift_is_the_total_variation_distance():
 
 @pytest.mark.simulation
 def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
-    overrides = TINY_OVERRIDES + ["num_clients=6", "novel.num_clients=2", "num_rounds=200",
-                                  "eval_every=200", "client.inner_steps=20", "novel.rounds=40",
-                                  "novel.lr=0.05"]
+    overrides = TINY_OVERRIDES + ["num_clients=6", "novel.num_clients=2", "num_rounds=100",
+                                  "eval_every=100", "novel.rounds=40", "novel.lr=0.02"]
     trained = run(compose_config(overrides), tmp_path / "train")
     novel = trained["novel_clients"]
     assert [c["partition_id"] for c in novel["clients"]] == [6, 7]
-    # measured: 0.09 before, 0.66 after (one seed)
+    # Measured on an AVX2-only CPU: 0.00 before, 0.65 after (one seed). The earlier
+    # setting (200 rounds of 20 steps, novel lr 0.05) gave 0.09 -> 0.66 on one machine
+    # and 0.00 -> 0.13 on this one: CPUs' kernels round differently, and that weaker
+    # hypernetwork and larger step left the outcome to chance.
     assert novel["test_acc_after"] > novel["test_acc_before"] + 0.2
     assert (tmp_path / "train" / "novel_clients.png").stat().st_size > 0
     # Their exported models (the novel phase's last round) score what it reported.
