@@ -155,6 +155,10 @@ def _validate(settings: Settings, on_disk: bool) -> None:
         _positive(settings, "simulation.poll_interval")
     if settings.simulation.inline_bytes is not None:
         _positive(settings, "simulation.inline_bytes", int)
+    for key, kind in (("simulation.max_restarts", int), ("simulation.restart_backoff_s", float)):
+        value = settings.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, kind)) or value < 0:
+            _fail(key, value, f"{'an integer' if kind is int else 'a number'} >= 0")
     _validate_partition(settings, by_alphabet)
     _validate_hardware(settings)
 

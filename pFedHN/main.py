@@ -6,7 +6,9 @@ import functools
 import importlib
 import logging
 import resource
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -259,12 +261,56 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if settings.novel.from_run:
         return run_novel(settings, trained_strategy(settings), run_dir, {}, novel_saved)
     experiment = start_experiment(settings, run_dir, describe_split(settings), simulated=True)
-    simulate(settings, lambda context: experiment.components(), experiment.client_state)
-    results = experiment.finish()
+    results = train(settings, experiment).finish()
     if settings.novel.num_clients:
         results = run_novel(settings, experiment.strategy, experiment.run_dir, results,
                             novel_saved)
     return results
+
+
+def train(settings: Settings, experiment: Experiment) -> Experiment:
+    """Run training on the simulation engine, restarting it by itself once its clients are lost.
+
+    A lost Ray worker or node fails every later round, and the strategy stops
+    the simulation (``RoundsFailingError``, after ``server.max_failed_rounds``).
+    It is then started anew from the last checkpoint, up to
+    ``simulation.max_restarts`` times, ``simulation.restart_backoff_s`` seconds
+    later (doubled for each next restart). A resume is exact, so the run ends
+    with an unbroken run's figures. Returns the experiment that finished.
+    """
+    restarts = experiment.recorder.restarts
+    while True:
+        try:
+            simulate(settings, lambda context, this=experiment: this.components(),
+                     experiment.client_state)
+            return experiment
+        except RoundsFailingError as error:
+            if len(restarts) >= settings.simulation.max_restarts:
+                raise
+            wait = settings.simulation.restart_backoff_s * 2 ** len(restarts)
+            reached = experiment.recorder.progress.n
+            log.warning("%s Restart %d of %d (simulation.max_restarts) in %g s, from the last "
+                        "checkpoint", error, len(restarts) + 1,
+                        settings.simulation.max_restarts, wait)
+            restarts.append({"round": reached, "reason": str(error)[:300]})
+            experiment.recorder.progress.close()
+            time.sleep(wait)
+            shutdown_ray()
+            run_dir = experiment.run_dir
+            saved = any((run_dir / name).exists() for name in
+                        (checkpoint.TRAINING.filename, checkpoint.TRAINING.previous))
+            experiment = start_experiment(settings.replace(resume=str(run_dir)) if saved
+                                          else settings, run_dir, experiment.recorder.split,
+                                          simulated=True)
+            restarts[-1]["resumed_from"] = experiment.strategy.start_round
+            experiment.recorder.restarts = restarts
+
+
+def shutdown_ray() -> None:
+    """End this process's Ray instance, if any, so that a restart starts a fresh one."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def saved_novel_phase(settings: Settings, run_dir: Path) -> dict | None:

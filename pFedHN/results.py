@@ -136,6 +136,8 @@ class RunRecorder:
         self.round_times: list[dict[str, float]] = []
         self.failed_rounds: list[int] = []  # rounds without a hypernetwork update
         self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason
+        # The simulation restarted from a checkpoint: round reached, resumed from, why.
+        self.restarts: list[dict[str, Any]] = []
         self.bytes = {"training_sent": 0, "training_received": 0, "evaluation_sent": 0}
         # The clients' local SGD steps (personal training) from round ``from_round`` on:
         # how many the clip shortened.
@@ -228,7 +230,8 @@ class RunRecorder:
     def state_dict(self) -> dict[str, Any]:
         """The history a resumed run continues from."""
         return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
-                "client_failures": self.client_failures, "rounds_completed": self.progress.n,
+                "client_failures": self.client_failures, "restarts": self.restarts,
+                "rounds_completed": self.progress.n,
                 "wall_time_s": self.wall_time_s(), "bytes": self.bytes,
                 "local_steps": self.local_steps, "round_times": self.round_times}
 
@@ -237,6 +240,7 @@ class RunRecorder:
         self.evaluations = list(state["evaluations"])
         self.failed_rounds = list(state["failed_rounds"])
         self.client_failures = list(state["client_failures"])
+        self.restarts = list(state.get("restarts", []))  # older checkpoints: none recorded
         self.earlier_wall_time_s = state["wall_time_s"]
         self.bytes = dict(state.get("bytes", self.bytes))  # older checkpoints: from zero
         self.round_times = list(state.get("round_times", []))  # older: from the resume on
@@ -265,6 +269,7 @@ class RunRecorder:
             "rounds_completed": self.progress.n,
             "failed_rounds": self.failed_rounds,
             "client_failures": self.client_failures,
+            "restarts": self.restarts,
             "training_check": self.check,
             "timing": self.timing(),
             "local_steps": self.local_steps,

@@ -139,6 +139,8 @@ class SimulationSettings:
     ray_address: str | None
     poll_interval: float | None
     inline_bytes: int | None
+    max_restarts: int
+    restart_backoff_s: float
 
 
 SECTIONS = {"dataset": DatasetSettings, "model": ModelSettings, "client": ClientSettings,

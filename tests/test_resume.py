@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,27 +35,41 @@ def figures(run_dir):
             results["test_acc_at_best_val"], results["best_round"], results["final_test_acc"])
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """An uninterrupted run, with Flower's own polling and Ray's own object-store
+    threshold (the broken runs use the package's shorter polls and inline messages)."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    subprocess.run(main_command(run_dir, "simulation.poll_interval=null",
+                                "simulation.inline_bytes=null"),
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    return run_dir
+
+
+def wait_for_checkpoint(run_dir, at_least):
+    """Block until ``run_dir``'s checkpoint is at round ``at_least`` or later."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        path = run_dir / checkpoint.FILENAME
+        try:
+            if torch.load(path, weights_only=False)["round"] >= at_least:
+                return
+        except (OSError, RuntimeError, EOFError):  # not there yet, or being replaced
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint at round {at_least}")
+
+
 @pytest.mark.simulation
-def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(whole, tmp_path):
     """Also: Flower's own polling and Ray's own object-store threshold (the
     uninterrupted run) and the package's shorter polls and inline messages (the
     broken run, the defaults) give the same run."""
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    subprocess.run(main_command(whole, "simulation.poll_interval=null",
-                                "simulation.inline_bytes=null"),
-                   cwd=REPO, check=True, capture_output=True, timeout=600)
-
+    broken = tmp_path / "broken"
     process = subprocess.Popen(main_command(broken), cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            path = broken / checkpoint.FILENAME
-            if path.exists() and torch.load(path, weights_only=False)["round"] >= 8:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("no checkpoint at round 8")
+        wait_for_checkpoint(broken, 8)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver, Ray and its workers
         process.wait()
@@ -71,6 +86,48 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
           f"{figures(whole)[1:]} (test_acc_at_best_val, best_round, final_test_acc)")
     assert figures(broken) == figures(whole)
     assert [e["round"] for e in figures(broken)[0]] == [0, 8, 16, 24]
+
+
+def client_workers(session):
+    """The Ray workers running ClientApps in process group ``session``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == session and \
+                    (entry / "cmdline").read_bytes().startswith(b"ray::ClientAppActor"):
+                found.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+@pytest.mark.simulation
+def test_a_run_whose_workers_are_killed_restarts_itself_and_ends_like_an_unbroken_one(
+        whole, tmp_path):
+    """kill -9 of the clients' Ray workers (as the OOM killer does), twice in one run:
+    the run restarts its simulation from its checkpoint by itself, each time."""
+    healed = tmp_path / "healed"
+    process = subprocess.Popen(
+        main_command(healed, "server.max_failed_rounds=1", "simulation.restart_backoff_s=0"),
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        for at_round in (8, 16):
+            wait_for_checkpoint(healed, at_round)
+            workers = client_workers(process.pid)
+            assert workers, "no ClientAppActor process found"
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
+    assert figures(healed) == figures(whole)
+    restarts = json.loads((healed / "results.json").read_text())["restarts"]
+    assert [r["resumed_from"] for r in restarts] == [8, 16]
+    assert all("no client's result reached the hypernetwork" in r["reason"] for r in restarts)
 
 
 def small_settings(*overrides: str) -> Settings:
