@@ -1,5 +1,7 @@
 """Shared fixtures: the committed tiny MNIST split and config composition."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,29 @@ TINY_OVERRIDES = [
     f"dataset.root={TINY_MNIST}", "dataset.download=false", "dataset.val_size=500",
     "num_clients=10",
 ]
+
+
+# A short pFedHN-PC run: long enough for checkpoints and evaluations at rounds 8, 16, 24.
+SMALL = TINY_OVERRIDES + ["num_clients=4", "num_rounds=24", "eval_every=8",
+                          "checkpoint_every=8", "client.inner_steps=10"]
+PC = ["model.local=True", "model.variant=1", "server.lr=5e-2"]
+
+
+def main_command(run_dir, *extra):
+    """``python -m pFedHN.main`` of the short pFedHN-PC run, into ``run_dir``."""
+    return [sys.executable, "-m", "pFedHN.main", *SMALL, *PC, *extra, f"hydra.run.dir={run_dir}"]
+
+
+@pytest.fixture(scope="session")
+def pc_run(tmp_path_factory):
+    """The short pFedHN-PC run, uninterrupted, with Flower's own polling and Ray's own
+    object-store threshold (other runs use the package's defaults). Several modules
+    read it; none may change its results.json."""
+    run_dir = tmp_path_factory.mktemp("pc_run")
+    subprocess.run(main_command(run_dir, "simulation.poll_interval=null",
+                                "simulation.inline_bytes=null"),
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    return run_dir
 
 
 @pytest.fixture

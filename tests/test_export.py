@@ -8,17 +8,16 @@ import torch
 from flwr.app import Context, RecordDict
 
 from pFedHN import checkpoint
-from pFedHN.client import LocalStore, client_builder
+from pFedHN.client import STATE_DIR, LocalStore, client_builder, initial_head, kept_state
 from pFedHN.config import data_spec
 from pFedHN.dataset import federated_data
 from pFedHN.export import ExportError, export, load_client_model, main
-from pFedHN.main import prepare, run, start_experiment
+from pFedHN.main import prepare, start_experiment
 from pFedHN.personal_model import INDEX, MODELS_DIR
 from pFedHN.server import build_strategy
 from pFedHN.settings import Settings
-from tests.conftest import TINY_OVERRIDES, compose_config
+from tests.conftest import PC, SMALL, TINY_OVERRIDES, compose_config
 
-PC = ["model.local=True", "model.variant=1", "server.lr=5e-2"]
 SHORT = ["num_clients=4", "num_rounds=8", "eval_every=2", "client.inner_steps=5"]
 
 
@@ -44,19 +43,18 @@ def recorded(run_dir, server_round):
     return {int(c): m["test_acc"] for c, m in evaluation["per_client"].items()}
 
 
-@pytest.fixture(scope="module")
-def pc_run(tmp_path_factory):
-    """A short pFedHN-PC simulation; its clients' heads live only in their state."""
-    run_dir = tmp_path_factory.mktemp("pc_run")
-    cfg = compose_config(TINY_OVERRIDES + SHORT + PC)
-    results = run(cfg, run_dir)
-    return run_dir, prepare(cfg), results
+@pytest.fixture
+def pc(pc_run):
+    """The short pFedHN-PC run (conftest), its settings and results; its clients' heads
+    live only in their state."""
+    results = json.loads((pc_run / "results.json").read_text())
+    return pc_run, prepare(compose_config(SMALL + PC)), results
 
 
 @pytest.mark.simulation
-def test_export_pc_models_with_their_heads_score_what_the_run_recorded(pc_run):
-    run_dir, settings, results = pc_run
-    for which, server_round in (("best", results["best_round"]), ("last", 8)):
+def test_export_pc_models_with_their_heads_score_what_the_run_recorded(pc):
+    run_dir, settings, results = pc
+    for which, server_round in (("best", results["best_round"]), ("last", 24)):
         export(run_dir, which)
         index, accuracies = exported_test_accuracies(run_dir, settings)
         assert {e["round"] for e in index["clients"].values()} == {server_round}
@@ -68,25 +66,21 @@ def test_export_pc_models_with_their_heads_score_what_the_run_recorded(pc_run):
 
 
 @pytest.mark.simulation
-def test_export_without_a_head_is_not_the_model_the_run_evaluated(pc_run):
-    """The head matters: the same body with a freshly drawn head scores otherwise."""
-    run_dir, settings, _ = pc_run
-    export(run_dir, "last", clients=[0, 1, 2, 3])
-    _, accuracies = exported_test_accuracies(run_dir, settings)
-    changed = 0
+def test_export_takes_each_pc_head_as_its_client_last_trained_it(pc):
+    """Not the head a client starts with: the one in its state at the exported round."""
+    run_dir, settings, _ = pc
+    export(run_dir, "last")
     for client in range(4):
-        model = load_client_model(run_dir, client)
-        torch.nn.init.normal_(model.head.fc.weight)
-        data = federated_data(data_spec(settings), settings.dataset.root, settings.split)[client]
-        with torch.inference_mode():
-            acc = (model(data.test_x.float() / 255).argmax(1) == data.test_y).float().mean()
-        changed += abs(acc.item() - accuracies[client]) > 1e-9
-    assert changed >= 3
+        head = load_client_model(run_dir, client).head
+        kept = kept_state(run_dir / STATE_DIR, client, 24)["head"]
+        assert torch.equal(head.fc.weight, kept["fc.weight"])
+        untrained = initial_head(84, 10, settings.seed, client)
+        assert not torch.equal(head.fc.weight, untrained.fc.weight)
 
 
 @pytest.mark.simulation
-def test_export_command_line_and_its_bad_input(pc_run, tmp_path, capsys):
-    run_dir, _, results = pc_run
+def test_export_command_line_and_its_bad_input(pc, tmp_path, capsys):
+    run_dir, _, results = pc
     main([str(run_dir), "round=best", "clients=1,3"])
     assert f"2 client models of round best ({results['best_round']})" in capsys.readouterr().out
     index = json.loads((run_dir / MODELS_DIR / INDEX).read_text())
@@ -107,20 +101,20 @@ def test_export_command_line_and_its_bad_input(pc_run, tmp_path, capsys):
 
 
 @pytest.mark.simulation
-def test_export_of_a_run_without_best_state_offers_round_last(pc_run, tmp_path):
-    run_dir, settings, _ = pc_run
+def test_export_of_a_run_without_best_state_offers_round_last(pc, tmp_path):
+    run_dir, settings, _ = pc
     older = tmp_path / "older"
     shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns(checkpoint.BEST_DIR))
     with pytest.raises(ExportError, match="older version.*round=last"):
         export(older, "best")
     export(older, "last")
     _, accuracies = exported_test_accuracies(older, settings)
-    assert accuracies == recorded(older, 8)
+    assert accuracies == recorded(older, 24)
 
 
 @pytest.mark.simulation
-def test_export_loader_refuses_a_tampered_index_or_file(pc_run, tmp_path):
-    run_dir, _, _ = pc_run
+def test_export_loader_refuses_a_tampered_index_or_file(pc, tmp_path):
+    run_dir, _, _ = pc
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     export(copy, "last", clients=[0, 1])

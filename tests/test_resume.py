@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,15 +16,7 @@ from pFedHN.main import start_experiment
 from pFedHN.server import build_strategy
 from pFedHN.settings import Settings
 from pFedHN.strategy import RoundsFailingError
-from tests.conftest import REPO, TINY_OVERRIDES, compose_config
-
-SMALL = TINY_OVERRIDES + ["num_clients=4", "num_rounds=24", "eval_every=8",
-                          "checkpoint_every=8", "client.inner_steps=10"]
-PC = ["model.local=True", "model.variant=1", "server.lr=5e-2"]
-
-
-def main_command(run_dir, *extra):
-    return [sys.executable, "-m", "pFedHN.main", *SMALL, *PC, *extra, f"hydra.run.dir={run_dir}"]
+from tests.conftest import REPO, SMALL, compose_config, main_command
 
 
 def figures(run_dir):
@@ -33,17 +24,6 @@ def figures(run_dir):
     keys = ("round", "val_acc", "test_acc", "val_loss", "test_loss", "test_acc_min")
     return ([{k: e[k] for k in keys} for e in results["evaluations"]],
             results["test_acc_at_best_val"], results["best_round"], results["final_test_acc"])
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """An uninterrupted run, with Flower's own polling and Ray's own object-store
-    threshold (the broken runs use the package's shorter polls and inline messages)."""
-    run_dir = tmp_path_factory.mktemp("whole")
-    subprocess.run(main_command(run_dir, "simulation.poll_interval=null",
-                                "simulation.inline_bytes=null"),
-                   cwd=REPO, check=True, capture_output=True, timeout=600)
-    return run_dir
 
 
 def wait_for_checkpoint(run_dir, at_least):
@@ -61,7 +41,7 @@ def wait_for_checkpoint(run_dir, at_least):
 
 
 @pytest.mark.simulation
-def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(whole, tmp_path):
+def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(pc_run, tmp_path):
     """Also: Flower's own polling and Ray's own object-store threshold (the
     uninterrupted run) and the package's shorter polls and inline messages (the
     broken run, the defaults) give the same run."""
@@ -83,8 +63,8 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(whole, tmp_path)
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     print(f"killed at round {killed_at}; resumed vs uninterrupted: {figures(broken)[1:]} vs "
-          f"{figures(whole)[1:]} (test_acc_at_best_val, best_round, final_test_acc)")
-    assert figures(broken) == figures(whole)
+          f"{figures(pc_run)[1:]} (test_acc_at_best_val, best_round, final_test_acc)")
+    assert figures(broken) == figures(pc_run)
     assert [e["round"] for e in figures(broken)[0]] == [0, 8, 16, 24]
 
 
@@ -103,7 +83,7 @@ def client_workers(session):
 
 @pytest.mark.simulation
 def test_a_run_whose_workers_are_killed_restarts_itself_and_ends_like_an_unbroken_one(
-        whole, tmp_path):
+        pc_run, tmp_path):
     """kill -9 of the clients' Ray workers (as the OOM killer does), twice in one run:
     the run restarts its simulation from its checkpoint by itself, each time."""
     healed = tmp_path / "healed"
@@ -124,7 +104,7 @@ def test_a_run_whose_workers_are_killed_restarts_itself_and_ends_like_an_unbroke
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 0, stderr[-3000:]
-    assert figures(healed) == figures(whole)
+    assert figures(healed) == figures(pc_run)
     restarts = json.loads((healed / "results.json").read_text())["restarts"]
     assert [r["resumed_from"] for r in restarts] == [8, 16]
     assert all("no client's result reached the hypernetwork" in r["reason"] for r in restarts)
