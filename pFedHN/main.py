@@ -6,6 +6,7 @@ import functools
 import importlib
 import logging
 import resource
+import shlex
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ from pFedHN.novel import distribution_shift, novel_summary, plot_novel
 from pFedHN.results import RunRecorder, summarize
 from pFedHN.server import build_strategy, server_components
 from pFedHN.settings import ConfigError, Settings
+from pFedHN.signals import RunStoppedError, StopRequest, stop_on_signals
 from pFedHN.strategy import PFedHNStrategy, RoundsFailingError
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class Experiment:
     strategy: PFedHNStrategy
     recorder: RunRecorder
     client_state: Path | None = None
+    stop: StopRequest | None = None
 
     def components(self, on_finish: Callable[[], object] | None = None) -> ServerAppComponents:
         """What the ServerApp runs, on either of Flower's engines."""
@@ -119,13 +122,14 @@ def server_memory(strategy: PFedHNStrategy) -> dict[str, int]:
 
 
 def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None = None,
-                     simulated: bool = False) -> Experiment:
+                     simulated: bool = False, stop: StopRequest | None = None) -> Experiment:
     """Build the server side of a prepared config; with ``settings.resume``, continue that run.
 
     ``split``: the data split's summary (``describe_split``), where the server can
     see the data; it goes into results.json and arms the collapse check.
     ``simulated``: the clients run on this machine, and their kept state is
-    mirrored into the run directory (``client_state_dir``).
+    mirrored into the run directory (``client_state_dir``). ``stop``: once set
+    (``stop_on_signals``), the round in flight is checkpointed and ``RunStoppedError`` raised.
     """
     run_dir = Path(settings.resume or run_dir)
     resumed = checkpoint.load(run_dir, settings) if settings.resume else None
@@ -138,22 +142,28 @@ def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None
     if split is not None:
         log.info("%s", describe_summary(split))
     mirror = client_state_dir(settings, run_dir / STATE_DIR) if simulated else None
+    saved_round = resumed["round"] if resumed else None
 
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
+        nonlocal saved_round
         recorder.on_fit(server_round, client_metrics, server_metrics)
+        stopping = stop is not None and stop.is_set()
         if not client_metrics:  # no update: say so in results.json now, and write
             recorder.save()     # no checkpoint at this round (a resume redoes it)
-        elif checkpoint.TRAINING.due(settings, server_round):
+        elif checkpoint.TRAINING.due(settings, server_round) or stopping:
             # results.json has it as the run goes, refreshed when a checkpoint is written
             recorder.server_memory = server_memory(strategy)
             checkpoint.save(run_dir, settings, server_round,
                             strategy=strategy.state_dict(server_round),
                             recorder=recorder.state_dict())
+            saved_round = server_round
             # A resume, from this checkpoint or the one before it (its fallback), never
             # goes back past the best round of that one.
             before_previous = [e for e in recorder.evaluations
                                if e["round"] < server_round - settings.checkpoint_every]
             checkpoint.prune_best(run_dir, before=summarize(before_previous)["best_round"])
+        if stopping:
+            raise RunStoppedError(stop.signum, server_round, saved_round, run_dir)
 
     def on_evaluate(server_round: int, metrics: dict, per_client: dict) -> None:
         recorder.on_evaluate(server_round, metrics, per_client)
@@ -174,7 +184,7 @@ def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None
         log.info("resuming %s from round %d", run_dir, resumed["round"])
     recorder.server_memory = server_memory(strategy)
     log.info("%s: %d rounds, results in %s", title, settings.num_rounds, run_dir)
-    return Experiment(settings, run_dir, strategy, recorder, mirror)
+    return Experiment(settings, run_dir, strategy, recorder, mirror, stop)
 
 
 class _ShortWaits:
@@ -260,8 +270,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     novel_saved = saved_novel_phase(settings, run_dir)  # checked before any work
     if settings.novel.from_run:
         return run_novel(settings, trained_strategy(settings), run_dir, {}, novel_saved)
-    experiment = start_experiment(settings, run_dir, describe_split(settings), simulated=True)
-    results = train(settings, experiment).finish()
+    with stop_on_signals(StopRequest()) as stop:
+        experiment = start_experiment(settings, run_dir, describe_split(settings),
+                                      simulated=True, stop=stop)
+        results = train(settings, experiment).finish()
     if settings.novel.num_clients:
         results = run_novel(settings, experiment.strategy, experiment.run_dir, results,
                             novel_saved)
@@ -301,7 +313,7 @@ def train(settings: Settings, experiment: Experiment) -> Experiment:
                         (checkpoint.TRAINING.filename, checkpoint.TRAINING.previous))
             experiment = start_experiment(settings.replace(resume=str(run_dir)) if saved
                                           else settings, run_dir, experiment.recorder.split,
-                                          simulated=True)
+                                          simulated=True, stop=experiment.stop)
             restarts[-1]["resumed_from"] = experiment.strategy.start_round
             experiment.recorder.restarts = restarts
 
@@ -418,6 +430,12 @@ def main(cfg: DictConfig) -> None:
         # A one-line message, not a traceback: the user's input, or the clients, at fault.
         log.error("%s", error)
         raise SystemExit(f"error: {error}") from None
+    except RunStoppedError as stopped:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+        command = shlex.join(["python", "-m", "pFedHN.main", *overrides,
+                              f"resume={stopped.run_dir}"])
+        log.warning("%s%s", stopped, f"; resume with: {command}" if stopped.saved else "")
+        raise SystemExit(stopped.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +67,52 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(pc_run, tmp_path
           f"{figures(pc_run)[1:]} (test_acc_at_best_val, best_round, final_test_acc)")
     assert figures(broken) == figures(pc_run)
     assert [e["round"] for e in figures(broken)[0]] == [0, 8, 16, 24]
+
+
+@pytest.mark.simulation
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_at_a_checkpoint_with_the_resume_line(pc_run, tmp_path, signum):
+    """What a scheduler sends (a terminal's Ctrl-C hits the whole process group instead):
+    the round in flight finishes and is checkpointed; status 128 + the signal."""
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(main_command(stopped), cwd=REPO, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_checkpoint(stopped, 8)
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 128 + signum, output[-3000:]
+    line = [ln for ln in output.splitlines() if "resume with:" in ln][-1]
+    saved = torch.load(stopped / checkpoint.FILENAME, weights_only=False)["round"]
+    assert f"{signal.Signals(signum).name}: stopped after round {saved}, with a checkpoint " \
+           f"at round {saved} in {stopped}; resume with: python -m pFedHN.main " in line
+    assert 8 <= saved < 24 and line.endswith(f"resume={stopped}")
+    if signum == signal.SIGTERM:  # the line's command ends the run as an unbroken one
+        command = line.split("resume with: ")[1].split()
+        resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO,
+                                 capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert figures(stopped) == figures(pc_run)
+
+
+def test_a_second_signal_ends_the_run_at_once(tmp_path):
+    code = ("import os, signal, time\n"
+            "from pFedHN.signals import StopRequest, stop_on_signals\n"
+            "with stop_on_signals(StopRequest()) as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.5)\n"
+            "    assert stop.signum == signal.SIGTERM\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "print('not stopped')\n")
+    ended = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert ended.returncode == 143 and "not stopped" not in ended.stdout
+    assert "SIGTERM again: ending at once" in ended.stderr
 
 
 def client_workers(session):
