@@ -86,6 +86,7 @@ class Experiment:
 
     ``client_state``: where simulated clients mirror what they keep (``LocalStore``);
     None where the server cannot see it (deployment) or they keep nothing.
+    ``stop``: set by a signal (``stop_on_signals``): the run stops at a checkpoint.
     """
 
     settings: Settings
@@ -273,7 +274,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     with stop_on_signals(StopRequest()) as stop:
         experiment = start_experiment(settings, run_dir, describe_split(settings),
                                       simulated=True, stop=stop)
-        results = train(settings, experiment).finish()
+        experiment = train(settings, experiment)  # after a restart: the one that finished
+        results = experiment.finish()
     if settings.novel.num_clients:
         results = run_novel(settings, experiment.strategy, experiment.run_dir, results,
                             novel_saved)
