@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 from torch import nn
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, initial_head, kept_state, named_theta
-from pFedHN.config import client_network, data_spec, global_network
+from pFedHN.config import client_network, compose_config, data_spec, global_network
 from pFedHN.dataset import DataNotFoundError, federated_data
 from pFedHN.personal_model import (
     MODELS_DIR,
@@ -59,9 +60,11 @@ def run_settings(run_dir: Path) -> Settings:
         raise ExportError(f"{run_dir}: not a run directory (no config.yaml); give the "
                           "directory a run wrote its results.json into")
     try:
-        settings = Settings.from_config(OmegaConf.load(path))
-    except ConfigError as error:
-        raise ExportError(f"{path}: not a config of this version of pFedHN ({error})") from None
+        # Keys added since the run was made take their defaults (none defines an experiment).
+        settings = Settings.from_config(OmegaConf.merge(compose_config(), OmegaConf.load(path)))
+    except (ConfigError, ConfigKeyError) as error:
+        raise ExportError(f"{path}: not a config of this version of pFedHN "
+                          f"({str(error).splitlines()[0]})") from None
     return settings.replace(device="cpu")  # generated on the CPU, wherever the run trained
 
 

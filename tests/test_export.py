@@ -81,6 +81,9 @@ def test_export_takes_each_pc_head_as_its_client_last_trained_it(pc):
 @pytest.mark.simulation
 def test_export_command_line_and_its_bad_input(pc, tmp_path, capsys):
     run_dir, _, results = pc
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.yaml").write_text((run_dir / "config.yaml").read_text() + "bogus: 1\n")
     main([str(run_dir), "round=best", "clients=1,3"])
     assert f"2 client models of round best ({results['best_round']})" in capsys.readouterr().out
     index = json.loads((run_dir / MODELS_DIR / INDEX).read_text())
@@ -88,6 +91,7 @@ def test_export_command_line_and_its_bad_input(pc, tmp_path, capsys):
     bad = {
         (str(tmp_path / "nowhere"),): "no such run directory",
         (str(tmp_path),): "not a run directory (no config.yaml)",
+        (str(odd),): "not a config of this version of pFedHN (Key 'bogus' is not in struct",
         (str(run_dir), "round=worst"): "round=worst: choose best or last",
         (str(run_dir), "clients=2,9"): "clients=9: this run has clients 0-3",
         (str(run_dir), "clients=seven"): "clients=seven: give all or partition ids",
@@ -105,6 +109,10 @@ def test_export_of_a_run_without_best_state_offers_round_last(pc, tmp_path):
     run_dir, settings, _ = pc
     older = tmp_path / "older"
     shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns(checkpoint.BEST_DIR))
+    # Nor did its config know the keys added since: they take their defaults.
+    config = (older / "config.yaml").read_text()
+    (older / "config.yaml").write_text(config.replace("  max_restarts: 3\n", ""))
+    assert "max_restarts" not in (older / "config.yaml").read_text()
     with pytest.raises(ExportError, match="older version.*round=last"):
         export(older, "best")
     export(older, "last")
