@@ -187,7 +187,7 @@ class RunRecorder:
         if by_network:
             record["test_acc_by_network"] = by_network
         if per_client:  # what an exported model of this round scores (pFedHN.export)
-            record["per_client"] = {str(i): {k: c[k] for k in ("val_acc", "test_acc")}
+            record["per_client"] = {str(i): {k: c[k] for k in ("val_acc", "test_acc") if k in c}
                                     for i, c in sorted(per_client.items())}
         self.bytes["evaluation_sent"] += metrics.get("bytes_sent", 0)
         self.evaluations.append(record)

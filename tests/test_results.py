@@ -75,6 +75,8 @@ def test_test_accuracy_is_pooled_per_network_size_where_sizes_differ(tmp_path):
     assert "test_acc_by_network" not in recorder.evaluations[-1]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["evaluations"][0]["test_acc_by_network"]["small"] == 35 / 40
+    # Each client's own figure too, by partition (what an exported model scores).
+    assert saved["evaluations"][0]["per_client"]["2"] == {"test_acc": 0.25}
 
 
 def test_table_is_regenerated_from_the_summaries_and_is_stable(workspace):
