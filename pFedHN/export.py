@@ -159,8 +159,8 @@ def export(run_dir: str | Path, round: str = "best",  # noqa: A002 - the CLI's k
            clients: Sequence[int] | None = None) -> Path:
     """Write the clients' models of ``round`` ("best" or "last") to ``<run_dir>/models``.
 
-    ``clients``: partition ids (default: all, novel clients included). Returns
-    the index's path.
+    ``clients``: partition ids (default: all, novel clients included once their
+    phase has a checkpoint). Returns the index's path.
     """
     run_dir = Path(run_dir).expanduser().resolve()
     if not run_dir.is_dir():
@@ -173,7 +173,10 @@ def export(run_dir: str | Path, round: str = "best",  # noqa: A002 - the CLI's k
         raise ExportError(f"{run_dir}: no results.json; the run has not evaluated yet")
     results = json.loads(results_path.read_text())
     every = range(settings.partitions)
-    chosen = list(every) if clients is None else list(clients)
+    if clients is None:  # novel clients once their phase has a checkpoint
+        novel_ready = (run_dir / checkpoint.NOVEL.filename).exists()
+        clients = every if novel_ready else range(settings.num_clients)
+    chosen = list(clients)
     unknown = [c for c in chosen if c not in every]
     if unknown:
         raise ExportError(f"clients={','.join(map(str, unknown))}: this run has clients "

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,13 +90,19 @@ def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
     assert novel["test_acc_after"] > novel["test_acc_before"] + 0.2
     assert (tmp_path / "train" / "novel_clients.png").stat().st_size > 0
     # Their exported models (the novel phase's last round) score what it reported.
-    export(tmp_path / "train", "best", clients=[0, 6, 7])
+    export(tmp_path / "train", "best")  # all: the novel phase has its checkpoint
     index, accuracies = exported_test_accuracies(tmp_path / "train", prepare(
         compose_config(overrides)))
-    assert [index["clients"][c]["phase"] for c in ("0", "6", "7")] == ["training", "novel", "novel"]
+    assert [index["clients"][str(c)]["phase"] for c in range(8)] == ["training"] * 6 + ["novel"] * 2
     assert {c: accuracies[c] for c in (6, 7)} == \
         {c["partition_id"]: c["test_acc_after"] for c in novel["clients"]}
     assert accuracies[0] == recorded(tmp_path / "train", trained["best_round"])[0]
+    # Before the novel phase has a checkpoint, all means the training clients.
+    early = tmp_path / "before_novel"
+    shutil.copytree(tmp_path / "train", early,
+                    ignore=shutil.ignore_patterns(checkpoint.NOVEL.filename))
+    assert sorted(json.loads(export(early).read_text())["clients"], key=int) == \
+        [str(c) for c in range(6)]
 
     # From the finished run: the hypernetwork stays bit for bit as trained.
     cfg = prepare(compose_config(overrides + [f"novel.from_run={tmp_path / 'train'}",
