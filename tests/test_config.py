@@ -102,6 +102,11 @@ def test_defaults_are_the_authors_cifar10_setting():
     ("server.fused_adam=maybe", "server.fused_adam"),
     ("simulation.poll_interval=-0.1", "simulation.poll_interval"),
     ("simulation.inline_bytes=0.5", "simulation.inline_bytes"),
+    ("simulation.max_restarts=-1", "simulation.max_restarts"),
+    ("simulation.max_restarts=1.5", "simulation.max_restarts"),
+    ("simulation.max_restarts=true", "simulation.max_restarts"),
+    ("simulation.restart_backoff_s=-5", "simulation.restart_backoff_s"),
+    ("simulation.restart_backoff_s=soon", "simulation.restart_backoff_s"),
 ])
 def test_bad_values_name_the_key(override, key):
     cfg = compose_config(TINY_OVERRIDES + ["num_rounds=100", override])
