@@ -228,9 +228,9 @@ def _export_global(out: Path, settings: Settings, source: _Source,
                    normalization) -> dict[str, Any] | None:
     """MH-pFedHNGD's global model, where it has no per-client batch-norm statistics."""
     network = global_network(settings)
-    if any(True for _ in network.build().buffers()):
-        return None  # each client holds its own statistics of it: no one global model
     body = network.build()
+    if any(True for _ in body.buffers()):
+        return None  # each client holds its own statistics of it: no one global model
     # The hypernetwork's virtual last client, after the partitions.
     body.load_state_dict(named_theta(body, source.generated(settings.partitions), flat=True))
     model = personalized_model(body, *normalization)
