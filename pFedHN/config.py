@@ -151,6 +151,12 @@ def _validate(settings: Settings, on_disk: bool) -> None:
     if not isinstance(settings.server.fused_adam, bool):
         _fail("server.fused_adam", settings.server.fused_adam, "true (torch's fused Adam kernel) "
               "or false (its default kernel)")
+    retries = settings.server.visit_retries
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        _fail("server.visit_retries", retries, "expected an integer >= 0 (0: no retry)")
+    if not isinstance(settings.server.accept_lost_visits, bool):
+        _fail("server.accept_lost_visits", settings.server.accept_lost_visits,
+              "true (a round goes on without its lost visits) or false (it is redone)")
     if settings.simulation.poll_interval is not None:
         _positive(settings, "simulation.poll_interval")
     if settings.simulation.inline_bytes is not None:

@@ -285,12 +285,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 def train(settings: Settings, experiment: Experiment) -> Experiment:
     """Run training on the simulation engine, restarting it by itself once its clients are lost.
 
-    A lost Ray worker or node fails every later round, and the strategy stops
-    the simulation (``RoundsFailingError``, after ``server.max_failed_rounds``).
-    It is then started anew from the last checkpoint, up to
-    ``simulation.max_restarts`` times, ``simulation.restart_backoff_s`` seconds
-    later (doubled for each next restart). A resume is exact, so the run ends
-    with an unbroken run's figures. Returns the experiment that finished.
+    A lost Ray worker or node fails every later visit; once a round has lost a
+    visit for good (``FailurePolicy``), the strategy stops the simulation
+    (``RoundsFailingError``). It is then started anew from the last checkpoint,
+    up to ``simulation.max_restarts`` times, ``simulation.restart_backoff_s``
+    seconds later (doubled for each next restart). A resume is exact, so the run
+    ends with an unbroken run's figures. A failure that a redo would repeat (a
+    delta_theta that cannot be used) stops the run at once. Returns the
+    experiment that finished.
     """
     restarts = experiment.recorder.restarts
     while True:
@@ -299,7 +301,7 @@ def train(settings: Settings, experiment: Experiment) -> Experiment:
                      experiment.client_state)
             return experiment
         except RoundsFailingError as error:
-            if len(restarts) >= settings.simulation.max_restarts:
+            if not error.redo or len(restarts) >= settings.simulation.max_restarts:
                 raise
             wait = settings.simulation.restart_backoff_s * 2 ** len(restarts)
             reached = experiment.recorder.progress.n

@@ -135,7 +135,9 @@ class RunRecorder:
         self.evaluations: list[dict[str, float]] = []
         self.round_times: list[dict[str, float]] = []
         self.failed_rounds: list[int] = []  # rounds without a hypernetwork update
-        self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason
+        self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason, kind
+        # Visits sent again after a failure (server.visit_retries): round, partition_id, reason.
+        self.retried_visits: list[dict[str, Any]] = []
         # The simulation restarted from a checkpoint: round reached, resumed from, why.
         self.restarts: list[dict[str, Any]] = []
         self.bytes = {"training_sent": 0, "training_received": 0, "evaluation_sent": 0}
@@ -171,6 +173,8 @@ class RunRecorder:
                                                         m.get("largest-grad-norm", 0.0))
         for rejected in server_metrics.get("rejected", []):
             self.client_failures.append({"round": server_round, **rejected})
+        for retried in server_metrics.get("retried", []):
+            self.retried_visits.append({"round": server_round, **retried})
         if not client_metrics:
             self.failed_rounds.append(server_round)
         self.progress.update(1)
@@ -231,6 +235,7 @@ class RunRecorder:
         """The history a resumed run continues from."""
         return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
                 "client_failures": self.client_failures, "restarts": self.restarts,
+                "retried_visits": self.retried_visits,
                 "rounds_completed": self.progress.n,
                 "wall_time_s": self.wall_time_s(), "bytes": self.bytes,
                 "local_steps": self.local_steps, "round_times": self.round_times}
@@ -241,6 +246,7 @@ class RunRecorder:
         self.failed_rounds = list(state["failed_rounds"])
         self.client_failures = list(state["client_failures"])
         self.restarts = list(state.get("restarts", []))  # older checkpoints: none recorded
+        self.retried_visits = list(state.get("retried_visits", []))  # older: none recorded
         self.earlier_wall_time_s = state["wall_time_s"]
         self.bytes = dict(state.get("bytes", self.bytes))  # older checkpoints: from zero
         self.round_times = list(state.get("round_times", []))  # older: from the resume on
@@ -269,6 +275,9 @@ class RunRecorder:
             "rounds_completed": self.progress.n,
             "failed_rounds": self.failed_rounds,
             "client_failures": self.client_failures,
+            # Visits whose update never reached the hypernetwork (server.accept_lost_visits).
+            "lost_visits": len(self.client_failures),
+            "retried_visits": self.retried_visits,
             "restarts": self.restarts,
             "training_check": self.check,
             "timing": self.timing(),

@@ -9,12 +9,13 @@ import torch
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
+from flwr.server.server import fit_clients
 
 from pFedHN.config import client_network, global_network
 from pFedHN.device import resolve_device
 from pFedHN.models import CNNHyper, MHHyper, parameter_shapes
 from pFedHN.settings import Settings
-from pFedHN.strategy import PFedHNStrategy
+from pFedHN.strategy import FailurePolicy, PFedHNStrategy
 
 
 class PFedHNServer(Server):
@@ -44,17 +45,29 @@ class PFedHNServer(Server):
         return history
 
     def fit_round(self, server_round: int, timeout: float | None):  # noqa: ANN201 (Flower's)
-        """One training round: the strategy's exchanges in turn, recorded once.
+        """One training round: the strategy's exchanges in turn, each visit retried, recorded once.
 
         What the exchanges are (the phases of MH-pFedHNGD, one per client when
-        sequential) is laid out in ``PFedHNStrategy.begin_round``.
+        sequential) is laid out in ``PFedHNStrategy.begin_round``. A visit that
+        failed is sent again, up to ``server.visit_retries`` times, before the
+        exchange's deltas step the hypernetwork (``FailurePolicy``).
         """
         strategy = self.strategy
         for exchange in strategy.begin_round():
             strategy.exchange = exchange
-            result = super().fit_round(server_round, timeout)
+            instructions = strategy.configure_fit(server_round, self.parameters,
+                                                  self._client_manager)
+            results, failures = fit_clients(instructions, self.max_workers, timeout,
+                                            server_round)
+            for _ in range(strategy.failures.visit_retries):
+                retry = strategy.visits_to_retry(server_round, instructions, results, failures)
+                if not retry:
+                    break
+                more, failures = fit_clients(retry, self.max_workers, timeout, server_round)
+                results += more
+            strategy.aggregate_fit(server_round, results, failures)
         strategy.end_round(server_round)
-        return result
+        return None, {}, ([], [])
 
 
 def build_hypernetwork(settings: Settings) -> CNNHyper:
@@ -102,7 +115,9 @@ def build_strategy(settings: Settings, **callbacks) -> PFedHNStrategy:
         make_hnet=partial(build_multihead_hypernetwork, settings) if variant.multi_head else None,
         global_model=variant.global_model, sequential=server.sequential,
         node_timeout=server.node_timeout, fused_adam=server.fused_adam,
-        max_failed_rounds=server.max_failed_rounds, **callbacks,
+        failures=FailurePolicy(server.visit_retries, server.accept_lost_visits,
+                               server.max_failed_rounds),
+        **callbacks,
     )
 
 

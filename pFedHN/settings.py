@@ -113,6 +113,8 @@ class ServerSettings:
     node_timeout: float
     fused_adam: bool
     max_failed_rounds: int | None
+    visit_retries: int
+    accept_lost_visits: bool
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,33 @@ class FederationTooSmallError(RuntimeError):
 
 
 class RoundsFailingError(RuntimeError):
-    """Rounds in a row without any client's result: the clients or their backend are gone."""
+    """Client visits that brought no update: the clients or their backend are failing.
+
+    ``redo``: whether redoing the rounds from the last checkpoint may heal it (a
+    crashed client or worker), or would give the same again (a delta_theta that
+    cannot be used, computed afresh from the same weights and seed).
+    """
+
+    def __init__(self, message: str, redo: bool = True) -> None:
+        super().__init__(message)
+        self.redo = redo
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """What a round does about client visits that bring no update (``server.*`` keys).
+
+    ``visit_retries``: times a visit that failed (the client raised, timed out or
+    was not reached) is sent again, the same weights to the same client, within
+    its exchange. A visit still lost then, or one whose delta_theta cannot be used,
+    fails the round (``RoundsFailingError``: no record, no checkpoint), unless
+    ``accept_lost_visits``: then the round goes on without it, logged and counted,
+    and ``max_failed_rounds`` rounds in a row without any update stop the run.
+    """
+
+    visit_retries: int = 2
+    accept_lost_visits: bool = False
+    max_failed_rounds: int | None = 3
 
 
 def wait_for_nodes(client_manager: ClientManager, needed: int, timeout_s: float) -> None:
@@ -130,9 +156,18 @@ def _describe(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
     return [line for line in lines if line][-1][:300]
 
 
+def _failure_reasons(
+    failures: list[tuple[ClientProxy, FitRes] | BaseException],
+) -> Callable[[ClientProxy], str]:
+    """Why a client's visit failed: its own status, or the exceptions (they name no client)."""
+    own = {f[0].cid: _describe(f) for f in failures if not isinstance(f, BaseException)}
+    anonymous = "; ".join(_describe(f) for f in failures if isinstance(f, BaseException))
+    return lambda proxy: own.get(proxy.cid, anonymous or "no reply")
+
+
 def _empty_round_log() -> dict[str, Any]:
-    return {"clients": [], "server-time-s": 0.0, "rejected": [], "bytes-sent": 0,
-            "bytes-received": 0}
+    return {"clients": [], "server-time-s": 0.0, "rejected": [], "retried": [],
+            "bytes-sent": 0, "bytes-received": 0}
 
 
 class PFedHNStrategy(Strategy):
@@ -172,7 +207,7 @@ class PFedHNStrategy(Strategy):
         sequential: bool = False,
         node_timeout: float = 15.0,
         fused_adam: bool = False,
-        max_failed_rounds: int | None = None,
+        failures: FailurePolicy = FailurePolicy(),
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
@@ -181,9 +216,8 @@ class PFedHNStrategy(Strategy):
         self.global_id = num_clients if global_model else None  # the virtual client
         self.num_clients = num_clients  # Flower nodes, one per partition
         self.node_timeout = node_timeout  # seconds the first round waits for them
-        # Stop after this many rounds in a row without an update (None: never stop).
-        self.max_failed_rounds = max_failed_rounds
-        self._failed_in_a_row = 0
+        self.failures = failures  # what a round does about lost visits
+        self._failed_in_a_row = 0  # rounds without an update (accept_lost_visits)
         # The partitions sampled for training and evaluated; the rest are novel clients.
         self.clients = list(range(training_clients or num_clients))
         self.clients_per_round = clients_per_round
@@ -406,26 +440,50 @@ class PFedHNStrategy(Strategy):
     def end_round(self, server_round: int) -> None:
         """Report the round once, all its exchanges together (Flower's count).
 
-        After ``max_failed_rounds`` rounds in a row in which no client's result
-        reached the hypernetwork, stop the run: a dead simulation backend or
-        federation would otherwise race through the remaining rounds in seconds.
+        A round that lost visits gets here only if lost visits are accepted
+        (``FailurePolicy``, ``aggregate_fit``). Then ``max_failed_rounds`` rounds
+        in a row in which no client's result reached the hypernetwork stop the
+        run: a dead simulation backend or federation would otherwise race
+        through the remaining rounds in seconds.
         """
         round_log, self._round_log = self._round_log, _empty_round_log()
         server_round += self.start_round
+        lost = round_log["rejected"]
         clients = round_log.pop("clients")
         if self.on_fit is not None:
             self.on_fit(server_round, clients, round_log)
         self._failed_in_a_row = 0 if clients else self._failed_in_a_row + 1
-        if self.max_failed_rounds is not None and \
-                self._failed_in_a_row >= self.max_failed_rounds:
-            reason = round_log["rejected"][-1]["reason"] if round_log["rejected"] else "no reply"
+        most = self.failures.max_failed_rounds
+        if most is not None and self._failed_in_a_row >= most:
+            reason = lost[-1]["reason"] if lost else "no reply"
             raise RoundsFailingError(
                 f"rounds {server_round - self._failed_in_a_row + 1}-{server_round}: no "
                 f"client's result reached the hypernetwork (the last reason: "
-                f"{reason[:300]}). Stopped by server.max_failed_rounds="
-                f"{self.max_failed_rounds} (null: never stop). Rounds without an update "
-                f"write no checkpoint: once the clients are back, resume=<run dir> goes "
-                f"on from the last one.")
+                f"{reason[:300]}). Stopped by server.max_failed_rounds={most} (null: never "
+                f"stop). Rounds without an update write no checkpoint: once the clients are "
+                f"back, resume=<run dir> goes on from the last one.")
+
+    def visits_to_retry(
+        self,
+        server_round: int,
+        instructions: list[tuple[ClientProxy, FitIns]],
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """The exchange's visits that brought no result: logged, counted, to send again.
+
+        The same instructions: the hypernetwork has not moved since, and a client
+        seeds its training by round, so a retried visit is the visit it replaces.
+        """
+        answered = {proxy.cid for proxy, _ in results}
+        retry = [(proxy, ins) for proxy, ins in instructions if proxy.cid not in answered]
+        reason_of = _failure_reasons(failures)
+        for proxy, _ in retry:
+            partition_id, reason = self.partition_of[proxy.cid], reason_of(proxy)
+            log.warning("round %d: client %d failed (%s); sending its visit again",
+                        server_round + self.start_round, partition_id, reason)
+            self._round_log["retried"].append({"partition_id": partition_id, "reason": reason})
+        return retry
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -470,8 +528,9 @@ class PFedHNStrategy(Strategy):
         """Turn the exchange's delta_theta into one hypernetwork step; log it for the round.
 
         A client that failed, timed out or sent a delta_theta of the wrong
-        shape or with non-finite values is left out; the hypernetwork is only
-        stepped on the deltas that passed. MH-pFedHNGD's global phase steps the
+        shape or with non-finite values is a lost visit: the round fails
+        (``RoundsFailingError``) unless lost visits are accepted; then the
+        hypernetwork is stepped on the deltas that passed. MH-pFedHNGD's global phase steps the
         virtual client on the sample-weighted mean of the clients' deltas.
         """
         server_round += self.start_round
@@ -479,6 +538,10 @@ class PFedHNStrategy(Strategy):
         in_global_phase = self.exchange.phase == "global"
         accepted: dict[int, tuple[list[np.ndarray], int]] = {}
         rejected: list[dict[str, Any]] = []
+        # In the exchange's (sampled) order, not the order replies came in: the
+        # step's sums then add up the same way in every run.
+        order = {partition_id: k for k, partition_id in enumerate(self.exchange.partitions)}
+        results = sorted(results, key=lambda result: order[self.partition_of[result[0].cid]])
         for proxy, res in results:
             partition_id = self.partition_of[proxy.cid]
             delta_theta = parameters_to_ndarrays(res.parameters)
@@ -487,11 +550,14 @@ class PFedHNStrategy(Strategy):
             if problem is None:
                 accepted[partition_id] = (delta_theta, res.num_examples)
             else:
-                rejected.append({"partition_id": partition_id, "reason": problem})
+                rejected.append({"partition_id": partition_id, "reason": problem,
+                                 "kind": "rejected"})
         answered = set(accepted) | {r["partition_id"] for r in rejected}
-        reasons = "; ".join(_describe(f) for f in failures) or "no reply"
-        rejected += [{"partition_id": i, "reason": reasons}
+        reason_of = _failure_reasons(failures)
+        rejected += [{"partition_id": i, "reason": reason_of(self.node_of[i]), "kind": "failed"}
                      for i in self.exchange.partitions if i not in answered]
+        if rejected and not self.failures.accept_lost_visits:
+            raise self._lost_visits_error(server_round, rejected)
         for r in rejected:
             log.warning("round %d: client %d left out%s: %s", server_round, r["partition_id"],
                         " of the global phase" if in_global_phase else "", r["reason"])
@@ -511,6 +577,21 @@ class PFedHNStrategy(Strategy):
             round_log["clients"] += [r.metrics for p, r in results
                                      if self.partition_of[p.cid] in accepted]
         return NO_PARAMETERS, {}
+
+    def _lost_visits_error(
+        self, server_round: int, lost: list[dict[str, Any]]
+    ) -> RoundsFailingError:
+        """The round is not kept: raised before it is recorded, so no checkpoint follows it."""
+        clients = sorted({r["partition_id"] for r in lost})
+        redo = any(r["kind"] == "failed" for r in lost)
+        return RoundsFailingError(
+            f"round {server_round} lost the visits of clients {clients} ("
+            f"{lost[-1]['reason'][:300]})"
+            + (f", after server.visit_retries={self.failures.visit_retries} retries" if redo
+               else "; the same weights would give that delta_theta again")
+            + ". Without them the hypernetwork takes fewer steps than the protocol's, so the "
+            "round is not kept (server.accept_lost_visits=true goes on without them).",
+            redo=redo)
 
     def num_parameters(self, partition_id: int) -> int:
         """The size of theta_i: all the server knows of client i's network."""

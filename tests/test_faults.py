@@ -1,4 +1,7 @@
-"""Faults injected into a real Flower simulation never touch the hypernetwork."""
+"""Faults injected into a real Flower simulation never touch the hypernetwork.
+
+With lost visits accepted and no retries, as a user may choose (tests/test_retries.py:
+the default, retries and rounds that are not kept)."""
 
 import json
 import sys
@@ -66,6 +69,7 @@ def test_failing_clients_are_logged_counted_and_never_update_the_hypernetwork(tm
         "num_clients=2", "num_rounds=8", "eval_every=8", "client.inner_steps=5",
         "simulation.num_cpus_per_client=1",  # two workers: a slow one does not block
         "server.max_failed_rounds=null",  # five failed rounds in a row: go on regardless
+        "server.accept_lost_visits=true", "server.visit_retries=0",  # each fault loses its visit
     ]))
     recorder = RunRecorder(tmp_path, cfg.num_rounds, "faults")
     after_round = {}
@@ -101,5 +105,8 @@ def test_failing_clients_are_logged_counted_and_never_update_the_hypernetwork(tm
     assert "shape" in reasons[4]
     assert "expired" in reasons[5]  # timed out: Flower's message TTL ran out
     assert "expected 10" in reasons[6]
+    kinds = {f["round"]: f["kind"] for f in results["client_failures"]}
+    assert kinds == {2: "failed", 3: "rejected", 4: "rejected", 5: "failed", 6: "rejected"}
+    assert results["lost_visits"] == len(FAULTS) and results["retried_visits"] == []
     assert all(len(reason) <= 300 and "\n" not in reason for reason in reasons.values())
     assert [e["round"] for e in results["evaluations"]] == [0, 8]

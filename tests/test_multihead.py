@@ -14,7 +14,7 @@ from pFedHN.dataset import DATASETS, SplitSettings, federated_data
 from pFedHN.export import export, load_client_model
 from pFedHN.main import prepare, run
 from pFedHN.models import MHHyper
-from pFedHN.strategy import Exchange, PFedHNStrategy, payload_bytes
+from pFedHN.strategy import Exchange, PFedHNStrategy, RoundsFailingError, payload_bytes
 from pFedHN.zoo import make_client_model
 from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
 from tests.test_dataset import write_image_folder
@@ -225,10 +225,15 @@ def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
     for ours, ref in zip(strategy.hnet.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
     assert recorded == []  # the round is recorded once, after the personal phase
-    # a client sending a delta of its own model's size in the global phase is left out
+    # a client sending a delta of its own model's size in the global phase is refused,
+    # and so is the round (a redo would give the same delta): the hypernetwork stays
+    strategy.node_of = {0: _Proxy("a"), 1: _Proxy("b")}
     before = copy.deepcopy(strategy.hnet.state_dict())
-    strategy.aggregate_fit(2, [(_Proxy("a"), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
-        [np.ones(1000, np.float32)]), 30, {}))], [])
+    own_size = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(1000, np.float32)]),
+                      30, {})
+    with pytest.raises(RoundsFailingError, match=r"clients \[0\] \(theta has shape") as error:
+        strategy.aggregate_fit(2, [(_Proxy("a"), own_size), results[1]], [])
+    assert not error.value.redo  # client 0's delta would come back the same
     assert all(torch.equal(v, before[k]) for k, v in strategy.hnet.state_dict().items())
 
 
