@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import logging
 import resource
 import shlex
@@ -95,6 +96,27 @@ class Experiment:
     recorder: RunRecorder
     client_state: Path | None = None
     stop: StopRequest | None = None
+    saved_round: int | None = None  # of the newest checkpoint
+
+    def record_stop(self, resume: str, settled: bool) -> int | None:
+        """Flower ends this process mid-run (``flwr stop``, a signal to a deployed ServerApp).
+
+        ``settled``: no round is running any more. Then the last completed round
+        is checkpointed where the state is still that round's. The stop is listed
+        under ``stops`` in results.json with the ``resume`` command (Flower's log
+        upload has ended by then). Returns the round of the newest checkpoint.
+        """
+        last = self.strategy.state_at_last_round() if settled else None
+        fresh = last is not None and last[0] > (self.saved_round or 0)
+        saved = last[0] if fresh else self.saved_round
+        self.recorder.stops.append({"round": self.recorder.progress.n,
+                                    "checkpoint_round": saved, "resume": resume})
+        if fresh:
+            checkpoint.save(self.run_dir, self.settings, saved, strategy=last[1],
+                            recorder=self.recorder.state_dict())
+        self.saved_round = saved
+        self.recorder.save()
+        return saved
 
     def components(self, on_finish: Callable[[], object] | None = None) -> ServerAppComponents:
         """What the ServerApp runs, on either of Flower's engines."""
@@ -143,10 +165,7 @@ def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None
     if split is not None:
         log.info("%s", describe_summary(split))
     mirror = client_state_dir(settings, run_dir / STATE_DIR) if simulated else None
-    saved_round = resumed["round"] if resumed else None
-
     def on_fit(server_round: int, client_metrics: list[dict], server_metrics: dict) -> None:
-        nonlocal saved_round
         recorder.on_fit(server_round, client_metrics, server_metrics)
         stopping = stop is not None and stop.is_set()
         if not client_metrics:  # no update: say so in results.json now, and write
@@ -157,14 +176,14 @@ def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None
             checkpoint.save(run_dir, settings, server_round,
                             strategy=strategy.state_dict(server_round),
                             recorder=recorder.state_dict())
-            saved_round = server_round
+            experiment.saved_round = server_round
             # A resume, from this checkpoint or the one before it (its fallback), never
             # goes back past the best round of that one.
             before_previous = [e for e in recorder.evaluations
                                if e["round"] < server_round - settings.checkpoint_every]
             checkpoint.prune_best(run_dir, before=summarize(before_previous)["best_round"])
         if stopping:
-            raise RunStoppedError(stop.signum, server_round, saved_round, run_dir)
+            raise RunStoppedError(stop.signum, server_round, experiment.saved_round, run_dir)
 
     def on_evaluate(server_round: int, metrics: dict, per_client: dict) -> None:
         recorder.on_evaluate(server_round, metrics, per_client)
@@ -179,13 +198,28 @@ def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
         recorder.load_state_dict(resumed["recorder"])
+        recorder.stops = earlier_stops(run_dir, resumed["round"]) or recorder.stops
         discard_state_after(run_dir / STATE_DIR, resumed["round"])
         evaluated = [e["round"] for e in recorder.evaluations]
         checkpoint.prune_best(run_dir, after=max(evaluated, default=-1))
         log.info("resuming %s from round %d", run_dir, resumed["round"])
     recorder.server_memory = server_memory(strategy)
     log.info("%s: %d rounds, results in %s", title, settings.num_rounds, run_dir)
-    return Experiment(settings, run_dir, strategy, recorder, mirror, stop)
+    experiment = Experiment(settings, run_dir, strategy, recorder, mirror, stop,
+                            resumed["round"] if resumed else None)
+    return experiment
+
+
+def earlier_stops(run_dir: Path, resumed_round: int) -> list[dict]:
+    """The stops results.json lists up to the checkpoint resumed from (``record_stop``).
+
+    Written after that checkpoint, so not in its history.
+    """
+    try:
+        stops = json.loads((run_dir / "results.json").read_text()).get("stops", [])
+    except (OSError, ValueError):
+        return []
+    return [s for s in stops if (s.get("checkpoint_round") or 0) <= resumed_round]
 
 
 class _ShortWaits:

@@ -138,6 +138,8 @@ class RunRecorder:
         self.client_failures: list[dict[str, Any]] = []  # round, partition_id, reason, kind
         # Visits sent again after a failure (server.visit_retries): round, partition_id, reason.
         self.retried_visits: list[dict[str, Any]] = []
+        # Flower ended the run mid-way (flwr stop): round, checkpoint_round, resume command.
+        self.stops: list[dict[str, Any]] = []
         # The simulation restarted from a checkpoint: round reached, resumed from, why.
         self.restarts: list[dict[str, Any]] = []
         self.bytes = {"training_sent": 0, "training_received": 0, "evaluation_sent": 0}
@@ -235,7 +237,7 @@ class RunRecorder:
         """The history a resumed run continues from."""
         return {"evaluations": self.evaluations, "failed_rounds": self.failed_rounds,
                 "client_failures": self.client_failures, "restarts": self.restarts,
-                "retried_visits": self.retried_visits,
+                "retried_visits": self.retried_visits, "stops": self.stops,
                 "rounds_completed": self.progress.n,
                 "wall_time_s": self.wall_time_s(), "bytes": self.bytes,
                 "local_steps": self.local_steps, "round_times": self.round_times}
@@ -247,6 +249,7 @@ class RunRecorder:
         self.client_failures = list(state["client_failures"])
         self.restarts = list(state.get("restarts", []))  # older checkpoints: none recorded
         self.retried_visits = list(state.get("retried_visits", []))  # older: none recorded
+        self.stops = list(state.get("stops", []))
         self.earlier_wall_time_s = state["wall_time_s"]
         self.bytes = dict(state.get("bytes", self.bytes))  # older checkpoints: from zero
         self.round_times = list(state.get("round_times", []))  # older: from the resume on
@@ -279,6 +282,7 @@ class RunRecorder:
             "lost_visits": len(self.client_failures),
             "retried_visits": self.retried_visits,
             "restarts": self.restarts,
+            "stops": self.stops,
             "training_check": self.check,
             "timing": self.timing(),
             "local_steps": self.local_steps,

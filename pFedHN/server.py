@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -35,14 +36,20 @@ class PFedHNServer(Server):
     ) -> None:
         super().__init__(client_manager=client_manager, strategy=strategy)
         self.on_finish = on_finish
+        self.rounds_thread: int | None = None  # the thread running the rounds, once started
+        self.ended = threading.Event()  # set once the rounds have ended, however
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         """Evaluate the starting point, then run Flower's usual training loop."""
-        self.evaluate_round(server_round=0, timeout=timeout)
-        history = super().fit(num_rounds, timeout)
-        if self.on_finish is not None:
-            self.on_finish()
-        return history
+        self.rounds_thread = threading.get_ident()
+        try:
+            self.evaluate_round(server_round=0, timeout=timeout)
+            history = super().fit(num_rounds, timeout)
+            if self.on_finish is not None:
+                self.on_finish()
+            return history
+        finally:
+            self.ended.set()
 
     def fit_round(self, server_round: int, timeout: float | None):  # noqa: ANN201 (Flower's)
         """One training round: the strategy's exchanges in turn, each visit retried, recorded once.

@@ -244,6 +244,9 @@ class PFedHNStrategy(Strategy):
         self._round_log: dict[str, Any] = _empty_round_log()  # recorded by end_round
         self._teacher: list[np.ndarray] = []  # MH-pFedHNGD: this round's pre-step global model
         self._evaluation_start = 0.0
+        # The last completed round (true count) and the sampler's state then; None once
+        # the hypernetwork has moved in the round after it (see state_at_last_round).
+        self._last_round: tuple[int, dict] | None = (0, self.rng.bit_generator.state)
 
     def _use(self, hnet: CNNHyper | MHHyper) -> None:
         """Adopt ``hnet`` and build the outer optimizer over all of it."""
@@ -273,6 +276,7 @@ class PFedHNStrategy(Strategy):
         One vector-Jacobian product over all clients of the round; with the
         authors' one client per round it is exactly their update.
         """
+        self._last_round = None  # from here on, the state is no completed round's
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         deltas = [[torch.from_numpy(d).to(self.device) for d in delta_theta]
                   for delta_theta in delta_thetas]
@@ -322,6 +326,7 @@ class PFedHNStrategy(Strategy):
         self.eval_rounds = {0, num_rounds} if eval_every is None \
             else evaluation_rounds(num_rounds, eval_every)
         self.start_round = 0
+        self._last_round = (0, self.rng.bit_generator.state)
         self.global_id = None
         self.optimizer = make_optimizer(trainable, optimizer, lr, momentum, weight_decay=0.0,
                                         fused_adam=self.fused_adam)
@@ -370,6 +375,19 @@ class PFedHNStrategy(Strategy):
         self.optimizer.load_state_dict(saved | {"param_groups": groups})
         self.rng.bit_generator.state = state["rng"]
         self.start_round = int(state["round"])
+        self._last_round = (self.start_round, self.rng.bit_generator.state)
+
+    def state_at_last_round(self) -> tuple[int, dict[str, Any]] | None:
+        """The last completed round and ``state_dict`` there, while the state is still that.
+
+        For a process that Flower ends between two steps (``flwr stop``): until the
+        round in flight first steps the hypernetwork, only its sampling has moved
+        on, and that is put back. None once it has stepped (a sequential round).
+        """
+        if self._last_round is None or self.hnet is None:
+            return None
+        server_round, rng = self._last_round
+        return server_round, self.state_dict(server_round) | {"rng": rng}
 
     # --- Flower plumbing (``server_round`` is Flower's count) -----------------
     def _discover_partitions(self, client_manager: ClientManager, server_round: int) -> None:
@@ -450,6 +468,7 @@ class PFedHNStrategy(Strategy):
         server_round += self.start_round
         lost = round_log["rejected"]
         clients = round_log.pop("clients")
+        self._last_round = (server_round, self.rng.bit_generator.state)
         if self.on_fit is not None:
             self.on_fit(server_round, clients, round_log)
         self._failed_in_a_row = 0 if clients else self._failed_in_a_row + 1

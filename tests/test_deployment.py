@@ -3,6 +3,7 @@ authentication on 127.0.0.1, the package's apps run unchanged with ``flwr run``.
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,9 +13,12 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+import torch
 
+from pFedHN.config import compose_config
 from pFedHN.credentials import make_credentials
 from pFedHN.export import ExportError, export, load_client_model
+from pFedHN.main import run
 from tests.conftest import REPO, TINY_MNIST, write_image_folder
 
 pytestmark = pytest.mark.deployment
@@ -230,3 +234,44 @@ def test_flwr_run_local_simulation_with_enough_nodes_trains_and_too_few_nodes_st
     assert "has 2" in run.stdout + run.stderr
     assert not (small_dir / "results.json").exists()
     assert time.monotonic() - started < 100
+
+
+def test_flwr_stop_leaves_a_checkpoint_at_the_last_round_and_a_resume_that_ends_like_an_unbroken_run(  # noqa: E501
+    processes, tmp_path
+):
+    """``flwr stop`` mid-run: the round in flight ends at a checkpoint, results.json
+    lists the stop with the exact ``flwr run`` that resumes it, and that run ends
+    with the figures of an unbroken ``python -m pFedHN.main`` run."""
+    processes.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    overrides = OVERRIDES.replace("num_rounds=2 eval_every=2", "eval_every=10 checkpoint_every=4")
+    run_dir = tmp_path / "run"
+    started = processes.cli("run", ".", "--federation-config", "num-supernodes=3",
+                            "--run-config", f"overrides='{overrides} num_rounds=300' "
+                            f"run-dir='{run_dir}'", timeout=120)
+    run_id = started.stdout.split("Successfully started run")[-1].split()[0]
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint.previous.pt").exists():  # two checkpoints: round 8
+        assert time.monotonic() < deadline, started.stdout + started.stderr
+        time.sleep(0.2)
+    stopped = processes.cli("stop", run_id)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    while not json.loads((run_dir / "results.json").read_text()).get("stops"):
+        assert time.monotonic() < deadline, "the stop was never recorded"
+        time.sleep(0.5)
+    [stop] = json.loads((run_dir / "results.json").read_text())["stops"]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"]
+    assert 8 <= saved == stop["checkpoint_round"] == stop["round"] < 300
+    assert f"resume={run_dir}'" in stop["resume"] and "num_rounds=300" in stop["resume"]
+
+    # The line as a user runs it, on this federation, for 20 rounds instead of 300.
+    command = stop["resume"].replace("<your federation>", "--stream --federation-config "
+                                     "num-supernodes=3").replace("num_rounds=300", "num_rounds=20")
+    subprocess.run(["bash", "-c", command.replace("flwr ", f"{BIN / 'flwr'} ", 1)],
+                   env=processes.env, cwd=REPO, capture_output=True, timeout=300)
+    resumed = json.loads((run_dir / "results.json").read_text())
+    unbroken = run(compose_config(shlex.split(overrides) + ["num_rounds=20"]),
+                   tmp_path / "unbroken")
+    assert resumed["rounds_completed"] == 20 and resumed["stops"] == [stop]
+    figures = [[(e["round"], e["test_acc"], e["val_loss"]) for e in r["evaluations"]]
+               for r in (resumed, unbroken)]
+    assert figures[0] == figures[1]
