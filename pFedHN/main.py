@@ -303,16 +303,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     settings = prepare(cfg)
     run_dir = Path(settings.resume or run_dir)
     novel_saved = saved_novel_phase(settings, run_dir)  # checked before any work
-    if settings.novel.from_run:
-        return run_novel(settings, trained_strategy(settings), run_dir, {}, novel_saved)
     with stop_on_signals(StopRequest()) as stop:
+        if settings.novel.from_run:
+            return run_novel(settings, trained_strategy(settings), run_dir, {}, novel_saved,
+                             stop)
         experiment = start_experiment(settings, run_dir, describe_split(settings),
                                       simulated=True, stop=stop)
         experiment = train(settings, experiment)  # after a restart: the one that finished
         results = experiment.finish()
-    if settings.novel.num_clients:
-        results = run_novel(settings, experiment.strategy, experiment.run_dir, results,
-                            novel_saved)
+        if settings.novel.num_clients:
+            results = run_novel(settings, experiment.strategy, experiment.run_dir, results,
+                                novel_saved, stop)
     return results
 
 
@@ -393,12 +394,13 @@ def trained_strategy(settings: Settings) -> PFedHNStrategy:
 
 
 def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, results: dict,
-              saved: dict | None = None) -> dict:
+              saved: dict | None = None, stop: StopRequest | None = None) -> dict:
     """Learn the novel clients' embeddings, the hypernetwork frozen; report them.
 
     Adds the figures to ``results``; writes results.json and novel_clients.png
     into ``run_dir``, and the phase's own checkpoint (``checkpoint.NOVEL``).
     ``saved``: such a checkpoint (``saved_novel_phase``), to continue from.
+    ``stop``: once set, the phase stops after its round in flight, at a checkpoint.
     """
     novel = settings.novel
     novel_ids = range(settings.num_clients, settings.partitions)
@@ -428,7 +430,8 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
         summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
         write_json_atomic(run_dir / "results.json", results | {"novel_clients": summary})
 
-    strategy.on_fit = novel_checkpointer(settings, strategy, run_dir, evaluations)
+    strategy.on_fit = novel_checkpointer(settings, strategy, run_dir, evaluations, stop,
+                                         saved["round"] if saved else None)
     strategy.on_evaluate = on_evaluate
     log.info("novel clients %d-%d: %d rounds of embedding training",
              novel_ids[0], novel_ids[-1], novel.rounds)
@@ -445,16 +448,24 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
 
 
 def novel_checkpointer(settings: Settings, strategy: PFedHNStrategy, run_dir: Path,
-                       evaluations: dict[int, dict]) -> Callable[..., None]:
+                       evaluations: dict[int, dict], stop: StopRequest | None = None,
+                       saved_round: int | None = None) -> Callable[..., None]:
     """The novel phase's ``on_fit``: its checkpoint when due, as training's.
 
     No checkpoint at a round without an update: a resume redoes that round.
+    Once ``stop`` is set: a checkpoint at this round, then ``RunStoppedError``.
     """
     def on_fit(server_round: int, client_metrics: list[dict], *_: object) -> None:
-        if client_metrics and checkpoint.NOVEL.due(settings, server_round):
+        nonlocal saved_round
+        stopping = stop is not None and stop.is_set()
+        if client_metrics and (checkpoint.NOVEL.due(settings, server_round) or stopping):
             checkpoint.save(run_dir, settings, server_round, checkpoint.NOVEL,
                             strategy=strategy.state_dict(server_round),
                             recorder={"evaluations": evaluations})
+            saved_round = server_round
+        if stopping:
+            raise RunStoppedError(stop.signum, server_round, saved_round, run_dir,
+                                  "the novel clients' ")
 
     return on_fit
 

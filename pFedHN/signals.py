@@ -37,11 +37,12 @@ class StopRequest:
 class RunStoppedError(RuntimeError):
     """The run stopped on a signal, after ``reached`` rounds, with a checkpoint at ``saved``."""
 
-    def __init__(self, signum: int, reached: int, saved: int | None, run_dir: Path) -> None:
+    def __init__(self, signum: int, reached: int, saved: int | None, run_dir: Path,
+                 phase: str = "") -> None:
         self.exit_code = 128 + signum
         self.saved, self.run_dir = saved, run_dir
         at = f"a checkpoint at round {saved}" if saved else "no checkpoint yet"
-        super().__init__(f"{signal.Signals(signum).name}: stopped after round {reached}, "
+        super().__init__(f"{signal.Signals(signum).name}: stopped after {phase}round {reached}, "
                          f"with {at} in {run_dir}")
 
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from pFedHN.main import novel_checkpointer, prepare, run, run_novel, trained_str
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.novel import distribution_shift, novel_summary
 from pFedHN.server import build_strategy
+from pFedHN.signals import RunStoppedError, StopRequest
 from pFedHN.strategy import PFedHNStrategy
 from tests.conftest import TINY_OVERRIDES, compose_config
 from tests.test_export import exported_test_accuracies, recorded
@@ -233,3 +235,19 @@ def test_novel_summary_reports_every_evaluated_round_and_the_best():
     assert summary["test_acc_before"] == pytest.approx((3 + 5) / 40)
     assert summary["test_acc_after"] == pytest.approx((15 + 3) / 40)
     assert (summary["best_test_round"], summary["best_test_acc"]) == (1, pytest.approx(0.5))
+
+
+def test_a_signal_in_the_novel_phase_stops_it_at_a_checkpoint_of_the_round_in_flight(tmp_path):
+    settings = prepare(compose_config(TINY_OVERRIDES + [
+        "num_clients=4", "novel.num_clients=2", "novel.rounds=50", "checkpoint_every=10"]))
+    strategy = build_strategy(settings)
+    stop = StopRequest()
+    on_fit = novel_checkpointer(settings, strategy, tmp_path, {}, stop)
+    on_fit(3, [{"steps": 3}], {})
+    assert not (tmp_path / checkpoint.NOVEL.filename).exists()  # not due before round 10
+    stop.signum = signal.SIGTERM
+    with pytest.raises(RunStoppedError, match=r"SIGTERM: stopped after the novel clients' "
+                       r"round 4, with a checkpoint at round 4") as stopped:
+        on_fit(4, [{"steps": 3}], {})
+    assert stopped.value.exit_code == 143 and stopped.value.saved == 4
+    assert checkpoint.load(tmp_path, settings, checkpoint.NOVEL)["round"] == 4
