@@ -110,3 +110,52 @@ def test_failing_clients_are_logged_counted_and_never_update_the_hypernetwork(tm
     assert results["lost_visits"] == len(FAULTS) and results["retried_visits"] == []
     assert all(len(reason) <= 300 and "\n" not in reason for reason in reasons.values())
     assert [e["round"] for e in results["evaluations"]] == [0, 8]
+
+
+class OnceFailingClient(FaultyClient):
+    """The real client, failing its first visit of the rounds in ``fail_rounds``."""
+
+    def __init__(self, inner, marks, fail_rounds):
+        super().__init__(inner)
+        self.marks, self.fail_rounds = marks, fail_rounds
+
+    def fit(self, parameters, config):
+        server_round = int(config["server-round"])
+        mark = self.marks / f"{server_round}-{self.inner.partition_id}"
+        if server_round in self.fail_rounds and not mark.exists():
+            mark.touch()  # the retry, in another message (and maybe another worker), succeeds
+            raise RuntimeError("injected failure")
+        return self.inner.fit(parameters, config)
+
+
+def once_failing(cfg, marks, fail_rounds):
+    build_client = client_builder(cfg)
+
+    def client_fn(context):
+        return OnceFailingClient(build_client(context), marks, fail_rounds).to_client()
+
+    return client_fn
+
+
+def test_a_visit_that_failed_once_is_sent_again_and_the_run_is_an_unbroken_ones(tmp_path):
+    cfg = prepare(compose_config(TINY_OVERRIDES + [
+        "num_clients=2", "num_rounds=4", "eval_every=4", "client.inner_steps=5"]))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    runs = {}
+    for name, fail_rounds in (("flaky", {2, 3}), ("unbroken", set())):
+        recorder = RunRecorder(tmp_path / name, cfg.num_rounds, name)
+        strategy = build_strategy(cfg, on_fit=recorder.on_fit, on_evaluate=recorder.on_evaluate)
+        run_simulation(
+            server_app=make_server_app(strategy, cfg.num_rounds),
+            client_app=ClientApp(client_fn=once_failing(cfg, marks, fail_rounds)),
+            num_supernodes=cfg.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+        runs[name] = (fingerprint(strategy.hnet), recorder.close())
+    (flaky, results), (unbroken, unbroken_results) = runs["flaky"], runs["unbroken"]
+    assert flaky == unbroken
+    assert [r["round"] for r in results["retried_visits"]] == [2, 3]
+    assert all("injected failure" in r["reason"] for r in results["retried_visits"])
+    assert results["lost_visits"] == 0 and results["failed_rounds"] == []
+    assert results["evaluations"][-1]["test_acc"] == unbroken_results["evaluations"][-1]["test_acc"]
