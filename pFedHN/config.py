@@ -78,8 +78,9 @@ def _validate(settings: Settings, on_disk: bool) -> None:
     spec = data_spec(settings, on_disk)
 
     if settings.model.variant not in VARIANTS:
-        _fail("model.variant", settings.model.variant, "0 (pFedHN), 1 (pFedHN-PC, with "
-              "model.local=True), 2 (MH-pFedHN) or 3 (MH-pFedHNGD)")
+        _fail("model.variant", settings.model.variant, ", ".join(
+            f"{number} ({name})" for number, (name, _) in VARIANTS.items())
+            + "; 1 with model.local=True")
     if bool(settings.model.local) != (settings.model.variant == 1):
         raise ConfigError(
             f"model.local={settings.model.local} disagrees with "

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from pFedHN.files import write_atomic
+from pFedHN.settings import SplitSettings
 
 
 @dataclass(frozen=True)
@@ -373,22 +374,6 @@ class ClientData:
         return ClientData(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-@dataclass(frozen=True)
-class SplitSettings:
-    """How the samples are dealt out to the clients (see ``client_indices``)."""
-
-    num_clients: int  # every partition: the training clients, then the novel ones
-    classes_per_client: int
-    val_size: int
-    seed: int
-    novel: int = 0
-    novel_alpha: float | None = None
-    partition: str = "classes"
-    dirichlet_alpha: float = 0.5
-    min_samples: int = 0
-    local_test_share: float | None = None
-
-
 def client_indices(
     train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int, split: SplitSettings
 ) -> dict[str, list[np.ndarray]]:
@@ -409,7 +394,7 @@ def client_indices(
     training; with ``novel_alpha`` their data is redrawn (see ``redraw_dirichlet``).
     """
     num_clients, classes_per_client, val_size, seed = (
-        split.num_clients, split.classes_per_client, split.val_size, split.seed)
+        split.partitions, split.classes_per_client, split.val_size, split.seed)
     partition, local_test_share = split.partition, split.local_test_share
     if partition == "mh-authors":
         return mh_authors_indices(train_labels, test_labels, num_classes, num_clients,
@@ -695,7 +680,7 @@ def split_indices(
     """Each client's sample indices per split, for any dataset (from labels already read)."""
     if spec.split == "alphabets":  # one pool of drawings: train_labels
         return alphabet_indices(train_labels, omniglot_listing(str(root))[2],
-                                split.num_clients, split.seed)
+                                split.partitions, split.seed)
     return client_indices(train_labels, test_labels, spec.num_classes, split)
 
 
@@ -724,7 +709,7 @@ def federated_data(
         pooled = (torch.cat([train_x, test_x]), torch.cat([train_y, test_y]))
         sources = dict.fromkeys(sources, pooled)
     clients = []
-    for i in range(split.num_clients):
+    for i in range(split.partitions):
         parts = {}
         for name, (x, y) in sources.items():
             idx = torch.from_numpy(indices[name][i])

@@ -20,8 +20,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pFedHN.config import VARIANTS  # noqa: E402
 from pFedHN.files import write_json_atomic  # noqa: E402
+from pFedHN.settings import Variant  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -335,15 +335,13 @@ PAPER = {
 }
 DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
                  "cinic10": "CINIC-10", "omniglot": "Omniglot"}
-# conf/algorithm/ presets, by model.variant
-ALGORITHM_PRESETS = {0: "pfedhn", 1: "pfedhn_pc", 2: "mh_pfedhn", 3: "mh_pfedhngd"}
 NO_DATA_HERE = {"cifar100", "omniglot"}  # the machines this table is made on hold no copy of these
 
 
 def preset_command(key: tuple[str, int, int]) -> str:
     """The command that runs one of the paper's settings, from the config presets."""
     dataset, variant, clients = key
-    return (f"python -m pFedHN.main data={dataset} algorithm={ALGORITHM_PRESETS[variant]} "
+    return (f"python -m pFedHN.main data={dataset} algorithm={Variant.of(variant).preset} "
             f"num_clients={clients}")
 
 
@@ -430,7 +428,7 @@ def mh_table(summaries: list[dict[str, Any]]) -> str:
             f"{_mib(state)} + {_mib(memory.get('optimizer_state_bytes'))}"
         peak = memory.get("peak_rss_bytes")
         lines.append(
-            f"| {label} | {group.cfg.num_clients} | {VARIANTS[group.cfg.model.variant]} "
+            f"| {label} | {group.cfg.num_clients} | {Variant.of(group.cfg.model.variant).name} "
             f"| {networks} | {SPLIT_NAMES.get(partition, partition)} | {group.rounds} "
             f"| {group.seeds} | {group.figure('best_test_acc', 'best_test_round')} "
             f"| {group.figure('test_acc_at_best_val', 'best_round')} "
@@ -462,7 +460,7 @@ def novel_table(summaries: list[dict[str, Any]]) -> str:
         novel_rounds = f"{done}" if done == novel["rounds"] else f"{done} of {novel['rounds']}"
         networks = _networks(cfg) if _multi_head(s) else cfg.model.get("target", "cnn")
         lines.append(
-            f"| {_dataset_label(cfg)} | {VARIANTS[cfg.model.variant]} | {networks} "
+            f"| {_dataset_label(cfg)} | {Variant.of(cfg.model.variant).name} | {networks} "
             f"| {cfg.num_clients} + {cfg.novel.num_clients} "
             f"| {s['results'].get('rounds_completed', cfg.num_rounds)} | {novel_rounds} "
             f"| {cfg.seed} | {_pct(novel['best_test_acc'])} (round {novel['best_test_round']}) "
@@ -534,7 +532,7 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
         env = group.results[0].get("environment", {})
         minutes = statistics.median(r["wall_time_s"] for r in group.results) / 60
         lines.append(
-            f"| {label} | {group.cfg.num_clients} | {VARIANTS[group.cfg.model.variant]} "
+            f"| {label} | {group.cfg.num_clients} | {Variant.of(group.cfg.model.variant).name} "
             f"| {SPLIT_NAMES.get(partition, partition)} | {group.rounds} | {group.seeds} "
             f"| {PAPER.get(key, '–')} | {group.figure('test_acc_at_best_val', 'best_round')} "
             f"| {group.figure('final_test_acc')} "
@@ -546,7 +544,7 @@ def results_table(summaries: list[dict[str, Any]]) -> str:
         dataset, variant, clients = key
         why = "not run here (no copy of the data)" if dataset in NO_DATA_HERE else "not run yet"
         lines.append(
-            f"| {DATASET_NAMES[dataset]} | {clients} | {VARIANTS[variant]} | | 5000 | "
+            f"| {DATASET_NAMES[dataset]} | {clients} | {Variant.of(variant).name} | | 5000 | "
             f"| {PAPER[key]} | {why} | | | | `{preset_command(key)}` |"
         )
     return "\n".join(lines)
@@ -579,7 +577,7 @@ def plot_runs(summaries: list[dict[str, Any]], static_dir: Path) -> list[Path]:
         drawn: set[tuple] = set()  # the paper's line once per setting
         for s in runs:
             evaluations = s["results"]["evaluations"]
-            label = (f"{VARIANTS[s['cfg'].model.variant]}, {s['cfg'].num_clients} clients, "
+            label = (f"{Variant.of(s['cfg'].model.variant).name}, {s['cfg'].num_clients} clients, "
                      f"seed {s['cfg'].seed}")
             if _multi_head(s):
                 label += f", {_networks(s['cfg'])}"
@@ -609,7 +607,7 @@ def plot_by_network(summary: dict[str, Any], static_dir: Path) -> Path:
             color="black", label="pooled over all clients")
     plot_networks(ax, evaluations, "", linewidth=1)
     cfg = summary["cfg"]
-    ax.set_title(f"Test accuracy per network: {VARIANTS[cfg.model.variant]}, "
+    ax.set_title(f"Test accuracy per network: {Variant.of(cfg.model.variant).name}, "
                  f"{cfg.num_clients} clients, seed {cfg.seed}")
     ax.set_xlabel("round (a pass over the clients)")
     ax.set_ylabel("test accuracy, pooled over the network's clients (%)")

@@ -16,9 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pFedHN.dataset import SplitSettings
-
-VARIANTS = {0: "pFedHN", 1: "pFedHN-PC", 2: "MH-pFedHN", 3: "MH-pFedHNGD"}
+# model.variant: the algorithm's name, and its preset in conf/algorithm/. The one table.
+VARIANTS = {0: ("pFedHN", "pfedhn"), 1: ("pFedHN-PC", "pfedhn_pc"),
+            2: ("MH-pFedHN", "mh_pfedhn"), 3: ("MH-pFedHNGD", "mh_pfedhngd")}
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,7 @@ class Variant:
     """Which algorithm a run is, worked out once from ``model.variant``."""
 
     name: str  # pFedHN, pFedHN-PC, MH-pFedHN or MH-pFedHNGD
+    preset: str  # its file in conf/algorithm/
     personal_head: bool  # pFedHN-PC: a private classifier head on each client
     multi_head: bool  # MH-pFedHN(GD): clients of the zoo, one flat theta each
     global_model: bool  # MH-pFedHNGD: the hypernetwork also generates a small global model
@@ -37,8 +38,9 @@ class Variant:
     @classmethod
     def of(cls, number: int) -> Variant:
         """``model.variant``: 0 pFedHN, 1 pFedHN-PC, 2 MH-pFedHN, 3 MH-pFedHNGD."""
-        return cls(VARIANTS.get(number, f"unknown ({number})"), personal_head=number == 1,
-                   multi_head=number in (2, 3), global_model=number == 3)
+        name, preset = VARIANTS.get(number, (f"unknown ({number})", ""))
+        return cls(name, preset, personal_head=number == 1, multi_head=number in (2, 3),
+                   global_model=number == 3)
 
     @property
     def keeps_client_state(self) -> bool:
@@ -151,6 +153,22 @@ SECTIONS = {"dataset": DatasetSettings, "model": ModelSettings, "client": Client
 
 
 @dataclass(frozen=True)
+class SplitSettings:
+    """How the samples are dealt out to the clients (see ``client_indices``)."""
+
+    partitions: int  # every partition: the training clients, then the novel ones
+    classes_per_client: int
+    val_size: int
+    seed: int
+    novel: int = 0
+    novel_alpha: float | None = None
+    partition: str = "classes"
+    dirichlet_alpha: float = 0.5
+    min_samples: int = 0
+    local_test_share: float | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a run is configured with; ``variant`` is derived once from the model's."""
 
@@ -190,7 +208,7 @@ class Settings:
     def split(self) -> SplitSettings:
         """How the data is dealt out to the partitions."""
         return SplitSettings(
-            num_clients=self.partitions,
+            partitions=self.partitions,
             classes_per_client=self.client.num_classes_per_node,
             val_size=self.dataset.val_size,
             seed=self.seed,

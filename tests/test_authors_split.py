@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pFedHN.config import ConfigError, load_settings
-from pFedHN.dataset import SplitSettings, client_indices
+from pFedHN.dataset import client_indices
+from pFedHN.settings import SplitSettings
 from tests.conftest import TINY_OVERRIDES, compose_config
 
 # CIFAR-10 as an image folder lists it (the JPEG copy): class by class.

@@ -5,8 +5,9 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, derive_seed, discard_state_after
-from pFedHN.dataset import DATASETS, SplitSettings, federated_data
+from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.models import CNNTarget
+from pFedHN.settings import SplitSettings
 from tests.conftest import TINY_MNIST
 
 KW = {"in_channels": 1, "n_kernels": 7, "out_dim": 10, "input_size": 28}

@@ -9,11 +9,11 @@ from flwr.app import RecordDict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, client_resources, load_settings
-from pFedHN.dataset import DATASETS, SplitSettings, federated_data
+from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.main import prepare
 from pFedHN.models import CNNTarget
-from pFedHN.settings import Settings
+from pFedHN.settings import Settings, SplitSettings
 from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -12,12 +12,13 @@ import torch
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR
-from pFedHN.dataset import SplitSettings, client_indices
+from pFedHN.dataset import client_indices
 from pFedHN.export import export
 from pFedHN.main import novel_checkpointer, prepare, run, run_novel, trained_strategy
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.novel import distribution_shift, novel_summary
 from pFedHN.server import build_strategy
+from pFedHN.settings import SplitSettings
 from pFedHN.signals import RunStoppedError, StopRequest
 from pFedHN.strategy import PFedHNStrategy
 from tests.conftest import TINY_OVERRIDES, compose_config

@@ -6,8 +6,9 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from pFedHN.dataset import DATASETS, SplitSettings, federated_data
+from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.results import END, START, RunRecorder, main, summarize
+from pFedHN.settings import SplitSettings
 from tests.conftest import REPO, TINY_MNIST
 
 FIXTURE_RUNS = REPO / "tests" / "fixtures" / "runs"

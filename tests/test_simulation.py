@@ -10,10 +10,10 @@ from flwr.common import ndarrays_to_parameters
 from flwr.simulation import run_simulation
 
 from pFedHN.client import make_client_app
-from pFedHN.dataset import DATASETS, SplitSettings, federated_data
+from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.main import prepare
 from pFedHN.server import build_strategy, make_server_app
-from pFedHN.settings import Settings
+from pFedHN.settings import Settings, SplitSettings
 from pFedHN.strategy import payload_bytes
 from tests.conftest import REPO, TINY_MNIST, TINY_OVERRIDES, compose_config
 from tests.test_export import exported_test_accuracies, recorded
