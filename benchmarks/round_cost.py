@@ -44,11 +44,12 @@ from flwr.app import RecordDict
 from omegaconf import open_dict
 
 from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
-from pFedHN.config import compose_config, data_spec, target_kwargs
+from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.main import prepare, run
 from pFedHN.models import make_target
+from pFedHN.networks import target_kwargs
 from pFedHN.server import build_hypernetwork, build_strategy
 from pFedHN.settings import Settings
 

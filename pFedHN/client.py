@@ -18,11 +18,12 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from pFedHN.config import client_network, data_spec, global_network
+from pFedHN.config import data_spec
 from pFedHN.dataset import ClientData, cached_partition, federated_data
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.files import write_atomic
 from pFedHN.models import LocalLayer
+from pFedHN.networks import client_network, global_network
 from pFedHN.personal_model import personalized_model, write_index, write_model
 from pFedHN.settings import Settings
 from pFedHN.zoo import Network

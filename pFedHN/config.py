@@ -31,8 +31,9 @@ from pFedHN.dataset import (
 )
 from pFedHN.device import resolve_device
 from pFedHN.models import TARGETS
+from pFedHN.networks import client_architectures
 from pFedHN.settings import VARIANTS, ConfigError, Settings
-from pFedHN.zoo import Network, assign_architectures, make_client_model
+from pFedHN.zoo import make_client_model
 
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("classes", "authors", "mh-authors", "mh-dirichlet", "dirichlet")
@@ -344,28 +345,6 @@ def _check_alphabet_split(settings: Settings, labels, split: dict) -> None:
               f"use at least {most}")
 
 
-def client_architectures(settings: Settings) -> list[str]:
-    """Each partition's zoo model name (``model.architectures``)."""
-    choice = settings.model.architectures
-    if not isinstance(choice, str):
-        choice = [str(name) for name in choice]
-    return assign_architectures(choice, settings.partitions)
-
-
-def network_names(settings: Settings) -> dict[int, str]:
-    """MH-pFedHN: the configured networks' names by parameter count.
-
-    A size is all the server knows of a client's network; results group clients by it.
-    """
-    if not settings.variant.multi_head:
-        return {}
-    names: dict[int, list[str]] = {}
-    for name in dict.fromkeys(client_architectures(settings)):
-        model = zoo_network(settings, name).build()
-        names.setdefault(sum(p.numel() for p in model.parameters()), []).append(name)
-    return {size: "/".join(same) for size, same in names.items()}
-
-
 def data_spec(settings: Settings, on_disk: bool = True) -> DatasetSpec:
     """The dataset's spec; an image folder's classes are read off disk.
 
@@ -387,42 +366,3 @@ def data_spec(settings: Settings, on_disk: bool = True) -> DatasetSpec:
                        mean=channels("dataset.mean"), std=channels("dataset.std"))
     return dataset_spec(name, settings.dataset.root, settings.dataset.image_size,
                         channels("dataset.mean"), channels("dataset.std"))
-
-
-def target_kwargs(settings: Settings) -> dict[str, Any]:
-    """Arguments of ``make_target`` for these settings."""
-    return {
-        "name": settings.model.target,
-        "in_channels": settings.model.in_channels,
-        "n_kernels": settings.model.n_kernels,
-        "out_dim": settings.model.out_dim,
-        "input_size": data_spec(settings, on_disk=False).image_size,
-        "local": settings.variant.personal_head,
-    }
-
-
-def zoo_network(settings: Settings, name: str) -> Network:
-    """The zoo's network ``name`` for this dataset's inputs and classes."""
-    image_size = data_spec(settings, on_disk=False).image_size  # a server may hold no data
-    return Network("zoo", name, {"in_channels": settings.model.in_channels,
-                                 "num_classes": settings.model.out_dim,
-                                 "input_size": image_size})
-
-
-def client_network(settings: Settings, partition_id: int,
-                   architecture: str | None = None) -> Network:
-    """The network partition ``partition_id`` trains: the one place that decides it.
-
-    pFedHN: the target network; MH-pFedHN: the zoo model that
-    ``model.architectures`` gives the partition, or ``architecture`` (a
-    SuperNode's node config names its own).
-    """
-    if not settings.variant.multi_head:
-        kwargs = target_kwargs(settings)
-        return Network("target", kwargs.pop("name"), kwargs)
-    return zoo_network(settings, architecture or client_architectures(settings)[partition_id])
-
-
-def global_network(settings: Settings) -> Network:
-    """MH-pFedHNGD's global model, whose architecture every party knows."""
-    return zoo_network(settings, settings.model.global_model)

@@ -34,8 +34,9 @@ from torch import nn
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR, STATE_DIR, initial_head, kept_state, named_theta
-from pFedHN.config import client_network, compose_config, data_spec, global_network
+from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import DataNotFoundError, federated_data
+from pFedHN.networks import client_network, global_network
 from pFedHN.personal_model import (
     MODELS_DIR,
     ExportError,

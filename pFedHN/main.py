@@ -38,13 +38,13 @@ from pFedHN.config import (
     client_resources,
     describe_split,
     load_settings,
-    network_names,
     ray_init_args,
     split_with_labels,
 )
 from pFedHN.dataset import DataNotFoundError, describe_summary, ensure_available
 from pFedHN.device import configure_torch, resolve_device
 from pFedHN.files import write_json_atomic
+from pFedHN.networks import network_names
 from pFedHN.novel import distribution_shift, novel_summary, plot_novel
 from pFedHN.results import RunRecorder, summarize
 from pFedHN.server import build_strategy, server_components

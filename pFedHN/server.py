@@ -12,9 +12,9 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
 from flwr.server.server import fit_clients
 
-from pFedHN.config import client_network, global_network
 from pFedHN.device import resolve_device
 from pFedHN.models import CNNHyper, MHHyper, parameter_shapes
+from pFedHN.networks import client_network, global_network
 from pFedHN.settings import Settings
 from pFedHN.strategy import FailurePolicy, PFedHNStrategy
 

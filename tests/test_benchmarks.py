@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from pFedHN import checkpoint
-from pFedHN.config import client_architectures, compose_config, data_spec
+from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import federated_data
 from pFedHN.main import prepare
+from pFedHN.networks import client_architectures
 from pFedHN.server import build_strategy
 from pFedHN.zoo import make_client_model
 from tests.conftest import REPO, TINY_OVERRIDES

@@ -8,10 +8,11 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pFedHN.config import ConfigError, load_settings, ray_init_args, target_kwargs
+from pFedHN.config import ConfigError, load_settings, ray_init_args
 from pFedHN.dataset import DataNotFoundError
 from pFedHN.main import prepare
 from pFedHN.models import make_target, parameter_shapes
+from pFedHN.networks import target_kwargs
 from pFedHN.results import PAPER, preset_command
 from pFedHN.server import build_strategy
 from pFedHN.settings import Settings
