@@ -46,7 +46,7 @@ from pFedHN.device import configure_torch, resolve_device
 from pFedHN.files import write_json_atomic
 from pFedHN.networks import network_names
 from pFedHN.novel import distribution_shift, novel_summary, plot_novel
-from pFedHN.results import RunRecorder, summarize
+from pFedHN.recorder import RunRecorder, summarize
 from pFedHN.server import build_strategy, server_components
 from pFedHN.settings import ConfigError, Settings
 from pFedHN.signals import RunStoppedError, StopRequest, stop_on_signals

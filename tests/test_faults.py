@@ -17,7 +17,7 @@ from ray import cloudpickle
 
 from pFedHN.client import client_builder
 from pFedHN.main import prepare
-from pFedHN.results import RunRecorder
+from pFedHN.recorder import RunRecorder
 from pFedHN.server import build_strategy, make_server_app
 from tests.conftest import TINY_OVERRIDES, compose_config
 

@@ -7,7 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pFedHN.dataset import DATASETS, federated_data
-from pFedHN.results import END, START, RunRecorder, main, summarize
+from pFedHN.recorder import RunRecorder, summarize
+from pFedHN.results import END, START, main
 from pFedHN.settings import SplitSettings
 from tests.conftest import REPO, TINY_MNIST
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pFedHN.dataset import CIFAR10_VEHICLES, split_summary
-from pFedHN.results import (
+from pFedHN.recorder import (
     COLLAPSE_VISITS,
     HETEROGENEOUS_COLLAPSE_VISITS,
     RunRecorder,
