@@ -36,7 +36,7 @@ from pFedHN import checkpoint
 from pFedHN.client import InnerLoop, derive_seed, train_inner_loop
 from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import ClientData, federated_data
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from pFedHN.models import MHHyper
 from pFedHN.networks import client_architectures
 from pFedHN.server import build_multihead_hypernetwork, build_strategy

@@ -11,7 +11,7 @@ e.g. on the CIFAR-10 JPEG copy extracted to <cifar10-jpeg>:
 
 Both parts run the same code (the strategy's ``generate``/``update`` and the
 client's ``fit``/``evaluate``); the plain part calls them directly, the Flower
-part runs ``pFedHN.main.run`` on Flower's simulation engine. Prints medians,
+part runs ``pFedHN.experiment.run`` on Flower's simulation engine. Prints medians,
 their ratio, the median evaluation round, peak memory of the whole process tree
 (driver, Ray and its workers; proportional set size) and the full-protocol
 estimates.
@@ -47,7 +47,7 @@ from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
-from pFedHN.main import prepare, run
+from pFedHN.experiment import prepare, run
 from pFedHN.models import make_target
 from pFedHN.networks import target_kwargs
 from pFedHN.server import build_hypernetwork, build_strategy

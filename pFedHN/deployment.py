@@ -50,7 +50,7 @@ def _config(overrides: str) -> DictConfig:
 def _server_fn(context: Context) -> ServerAppComponents:
     # Here, not at the top: a SuperNode's ClientApp process (one per message)
     # need not import the simulation engine and the results' plotting.
-    from pFedHN.main import prepare, start_experiment
+    from pFedHN.experiment import prepare, start_experiment
 
     overrides = str(context.run_config["overrides"])
     settings = prepare(_config(overrides), check_data=False)

@@ -10,7 +10,7 @@ import yaml
 from pFedHN import checkpoint
 from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import federated_data
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from pFedHN.networks import client_architectures
 from pFedHN.server import build_strategy
 from pFedHN.zoo import make_client_model

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from pFedHN.config import ConfigError, load_settings, ray_init_args
 from pFedHN.dataset import DataNotFoundError
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from pFedHN.models import make_target, parameter_shapes
 from pFedHN.networks import target_kwargs
 from pFedHN.results import PAPER, preset_command

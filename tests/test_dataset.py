@@ -23,7 +23,7 @@ from pFedHN.dataset import (
     load_labels,
     split_by_assignment,
 )
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from tests.conftest import REPO, TINY_MNIST, TINY_OVERRIDES, compose_config, write_image_folder
 
 

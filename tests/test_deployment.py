@@ -17,8 +17,8 @@ import torch
 
 from pFedHN.config import compose_config
 from pFedHN.credentials import make_credentials
+from pFedHN.experiment import run
 from pFedHN.export import ExportError, export, load_client_model
-from pFedHN.main import run
 from tests.conftest import REPO, TINY_MNIST, write_image_folder
 
 pytestmark = pytest.mark.deployment

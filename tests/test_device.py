@@ -11,7 +11,7 @@ from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, client_resources, load_settings
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.device import configure_torch, resolve_device
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from pFedHN.models import CNNTarget
 from pFedHN.settings import Settings, SplitSettings
 from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config

@@ -11,8 +11,8 @@ from pFedHN import checkpoint
 from pFedHN.client import STATE_DIR, LocalStore, client_builder, initial_head, kept_state
 from pFedHN.config import data_spec
 from pFedHN.dataset import federated_data
+from pFedHN.experiment import prepare, start_experiment
 from pFedHN.export import ExportError, export, load_client_model, main
-from pFedHN.main import prepare, start_experiment
 from pFedHN.personal_model import INDEX, MODELS_DIR
 from pFedHN.server import build_strategy
 from pFedHN.settings import Settings

@@ -16,7 +16,7 @@ from flwr.simulation import run_simulation
 from ray import cloudpickle
 
 from pFedHN.client import client_builder
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from pFedHN.recorder import RunRecorder
 from pFedHN.server import build_strategy, make_server_app
 from tests.conftest import TINY_OVERRIDES, compose_config

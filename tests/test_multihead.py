@@ -11,8 +11,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, load_settings
 from pFedHN.dataset import DATASETS, federated_data
+from pFedHN.experiment import prepare, run
 from pFedHN.export import export, load_client_model
-from pFedHN.main import prepare, run
 from pFedHN.models import MHHyper
 from pFedHN.settings import SplitSettings
 from pFedHN.strategy import Exchange, PFedHNStrategy, RoundsFailingError, payload_bytes

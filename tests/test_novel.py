@@ -13,8 +13,8 @@ from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR
 from pFedHN.dataset import client_indices
+from pFedHN.experiment import novel_checkpointer, prepare, run, run_novel, trained_strategy
 from pFedHN.export import export
-from pFedHN.main import novel_checkpointer, prepare, run, run_novel, trained_strategy
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.novel import distribution_shift, novel_summary
 from pFedHN.server import build_strategy
@@ -167,7 +167,7 @@ def test_novel_phase_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one(
     assert novel_figures(on_disk) == novel_figures(whole)
     # a novel-phase checkpoint of other novel settings is refused, naming the key,
     # before any training or evaluation
-    monkeypatch.setattr("pFedHN.main.simulate", lambda *a, **k: pytest.fail("simulated"))
+    monkeypatch.setattr("pFedHN.experiment.simulate", lambda *a, **k: pytest.fail("simulated"))
     with pytest.raises(CheckpointError, match="novel.lr"):
         run(compose_config(base + ["novel.rounds=4", "novel.lr=0.5", f"resume={broken_dir}"]),
             tmp_path / "unused")

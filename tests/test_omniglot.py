@@ -15,7 +15,7 @@ from pFedHN.dataset import (
     ensure_available,
     federated_data,
 )
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from pFedHN.models import CNNHyper, ConvNet4, make_target, parameter_shapes
 from tests.conftest import compose_config
 

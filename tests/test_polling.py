@@ -9,7 +9,7 @@ import threading
 import flwr
 import pytest
 
-from pFedHN.main import flower_polling
+from pFedHN.polling import flower_polling
 
 ENGINE = importlib.import_module("flwr.simulation.run_simulation")
 VCE_API = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")

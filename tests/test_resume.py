@@ -13,7 +13,7 @@ import torch
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
-from pFedHN.main import start_experiment
+from pFedHN.experiment import start_experiment
 from pFedHN.server import build_strategy
 from pFedHN.settings import Settings
 from pFedHN.strategy import RoundsFailingError

@@ -11,7 +11,7 @@ from flwr.simulation import run_simulation
 
 from pFedHN.client import make_client_app
 from pFedHN.dataset import DATASETS, federated_data
-from pFedHN.main import prepare
+from pFedHN.experiment import prepare
 from pFedHN.server import build_strategy, make_server_app
 from pFedHN.settings import Settings, SplitSettings
 from pFedHN.strategy import payload_bytes
