@@ -135,7 +135,7 @@ def main() -> None:
     data = federated_data(data_spec(settings), settings.dataset.root, settings.split)
     figures: dict = {"run": args.run_dir.name, "checkpoint_round": saved["round"]}
     if settings.variant.global_model:
-        sizes = [strategy.client_sizes[i] for i in range(strategy.num_clients)]
+        sizes = [strategy.client_sizes[i] for i in range(settings.partitions)]
         initial = build_multihead_hypernetwork(settings, sizes)  # as the run began
         figures["global_phase"] = {
             "round 0": global_phase(settings, initial, strategy.global_id, data, clients),

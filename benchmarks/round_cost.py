@@ -9,7 +9,7 @@ e.g. on the CIFAR-10 JPEG copy extracted to <cifar10-jpeg>:
         dataset.root=<cifar10-jpeg> dataset.mean=[0.4914,0.4822,0.4465] \
         dataset.std=[0.2023,0.1994,0.2010]
 
-Both parts run the same code (the strategy's ``generate``/``update`` and the
+Both parts run the same code (the core's ``generate``/``update`` and the
 client's ``fit``/``evaluate``); the plain part calls them directly, the Flower
 part runs ``pFedHN.experiment.run`` on Flower's simulation engine. Prints medians,
 their ratio, the median evaluation round, peak memory of the whole process tree
@@ -122,7 +122,7 @@ def plain_rounds(settings: Settings, rounds: int,
     threads = settings.simulation.num_threads or settings.simulation.num_cpus_per_client
     configure_torch(settings.deterministic, threads)
     device = torch.device(settings.device)
-    strategy = build_strategy(settings)
+    core = build_strategy(settings).core
     clients = federated_data(data_spec(settings), settings.dataset.root, settings.split,
                              device=settings.device)
     loop = InnerLoop.from_settings(settings)
@@ -137,21 +137,21 @@ def plain_rounds(settings: Settings, rounds: int,
     for server_round in range(1, rounds + 1):
         i = int(rng.integers(settings.num_clients))
         t0 = clock(device)
-        theta = strategy.generate(i)
+        theta = core.generate(i)
         t1 = clock(device)
         delta_theta, _, _ = client(i).fit(theta, {"server-round": server_round})
         t2 = clock(device)
-        strategy.update([i], [delta_theta])
+        core.update([i], [delta_theta])
         t3 = clock(device)
         times["round"].append(t3 - t0)
         times["client"].append(t2 - t1)
         times["server"].append((t1 - t0) + (t3 - t2))
     for _ in range(2 if evaluate else 0):  # the first warms up (e.g. cuDNN's kernel choice)
         t0 = clock(device)
-        for i, theta in enumerate(strategy.generate_many(list(range(settings.num_clients)))):
+        for i, theta in enumerate(core.generate_many(list(range(settings.num_clients)))):
             client(i).evaluate(theta, {})
         times["evaluation"].append(clock(device) - t0)
-    weights = torch.cat([p.detach().flatten() for p in strategy.hnet.parameters()]).cpu()
+    weights = torch.cat([p.detach().flatten() for p in core.hnet.parameters()]).cpu()
     return times, weights
 
 

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pFedHN.config import compose_config, load_settings
+from pFedHN.core import PFedHNCore
 from pFedHN.models import MHHyper
-from pFedHN.strategy import PFedHNStrategy
 from pFedHN.zoo import make_client_model
 
 NETWORKS = {"cnn": ["mh-cnn"], "five": ["mh-cnn", "mh-vgg8", "mh-resnet10", "mh-resnet12",
@@ -50,10 +51,10 @@ def main() -> None:
               for n in names]
     sizes = [k for k in counts for _ in range(50 // len(names))]
     torch.manual_seed(0)
-    strategy = PFedHNStrategy(MHHyper(sizes), num_clients=len(sizes), num_rounds=1,
-                              optimizer="adam", lr=2e-4, momentum=0.0, weight_decay=0.0,
-                              fused_adam=True, sequential=True)
-    hnet, rng = strategy.hnet, np.random.default_rng(0)
+    # The MH-pFedHN preset's outer optimizer: Adam, lr 2e-4, no decay, the fused kernel.
+    server = load_settings(compose_config(["algorithm=mh_pfedhn"]), on_disk=False).server
+    core = PFedHNCore(MHHyper(sizes), server)
+    hnet, rng = core.hnet, np.random.default_rng(0)
     params = list(hnet.parameters())
     times: dict[str, list[float]] = {"autograd_gradient_s": [], "written_out_gradient_s": [],
                                      "visit_s": []}
@@ -72,8 +73,8 @@ def main() -> None:
             for p, g in zip(params, by_autograd, strict=True) if g is not None))
         del by_autograd, written_out
         visit_start = time.perf_counter()
-        strategy.generate(i)
-        strategy.update([i], [[delta.numpy()]])
+        core.generate(i)
+        core.update([i], [[delta.numpy()]])
         visit_end = time.perf_counter()
         if visit >= 2:
             times["autograd_gradient_s"].append(middle - start)

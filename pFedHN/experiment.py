@@ -352,8 +352,7 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
     """
     novel = settings.novel
     novel_ids = range(settings.num_clients, settings.partitions)
-    strategy.learn_embeddings_only(novel_ids, novel.rounds, novel.lr, settings.server.momentum,
-                                   novel.optimizer, novel.eval_every)
+    strategy.learn_embeddings_only(novel_ids, novel, settings.server.momentum)
     run_dir.mkdir(parents=True, exist_ok=True)
     if novel.from_run:
         (run_dir / "config.yaml").write_text(settings.to_yaml())

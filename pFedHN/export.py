@@ -101,7 +101,7 @@ class _Source:
 
     def generated(self, partition_id: int) -> list[torch.Tensor]:
         """Theta of ``partition_id`` (or of MH-pFedHNGD's virtual global client)."""
-        return [torch.from_numpy(a) for a in self.strategy.generate(partition_id)]
+        return [torch.from_numpy(a) for a in self.strategy.core.generate(partition_id)]
 
     def kept(self, partition_id: int, network: nn.Module) -> dict | None:
         """What the client kept at this round; refused where it kept something the server lacks."""

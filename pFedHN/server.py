@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig
@@ -12,11 +11,12 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.history import History
 from flwr.server.server import fit_clients
 
+from pFedHN.core import PFedHNCore
 from pFedHN.device import resolve_device
 from pFedHN.models import CNNHyper, MHHyper, parameter_shapes
 from pFedHN.networks import client_network, global_network
 from pFedHN.settings import Settings
-from pFedHN.strategy import FailurePolicy, PFedHNStrategy
+from pFedHN.strategy import PFedHNStrategy
 
 
 class PFedHNServer(Server):
@@ -52,16 +52,13 @@ class PFedHNServer(Server):
             self.ended.set()
 
     def fit_round(self, server_round: int, timeout: float | None):  # noqa: ANN201 (Flower's)
-        """One training round: the strategy's exchanges in turn, each visit retried, recorded once.
+        """One training round: the exchanges the strategy's round yields, each visit retried.
 
-        What the exchanges are (the phases of MH-pFedHNGD, one per client when
-        sequential) is laid out in ``PFedHNStrategy.begin_round``. A visit that
-        failed is sent again, up to ``server.visit_retries`` times, before the
-        exchange's deltas step the hypernetwork (``FailurePolicy``).
+        A visit that failed is sent again, up to ``server.visit_retries`` times,
+        before the exchange's deltas step phi (``FailurePolicy``).
         """
         strategy = self.strategy
-        for exchange in strategy.begin_round():
-            strategy.exchange = exchange
+        for _ in strategy.round(server_round):
             instructions = strategy.configure_fit(server_round, self.parameters,
                                                   self._client_manager)
             results, failures = fit_clients(instructions, self.max_workers, timeout,
@@ -73,7 +70,6 @@ class PFedHNServer(Server):
                 more, failures = fit_clients(retry, self.max_workers, timeout, server_round)
                 results += more
             strategy.aggregate_fit(server_round, results, failures)
-        strategy.end_round(server_round)
         return None, {}, ([], [])
 
 
@@ -109,23 +105,17 @@ def build_multihead_hypernetwork(settings: Settings, client_sizes: list[int]) ->
                    n_hidden=model.n_hidden)
 
 
-def build_strategy(settings: Settings, **callbacks) -> PFedHNStrategy:
-    """The strategy with the run's server settings."""
-    variant, server = settings.variant, settings.server
-    return PFedHNStrategy(
-        None if variant.multi_head else build_hypernetwork(settings),
-        num_clients=settings.partitions, num_rounds=settings.num_rounds,
-        eval_every=settings.eval_every, clients_per_round=server.clients_per_round,
-        lr=server.lr, momentum=server.momentum, weight_decay=server.wd,
-        clip_norm=server.clip_norm, seed=settings.seed, device=resolve_device(settings.device),
-        training_clients=settings.num_clients, optimizer=server.optimizer,
-        make_hnet=partial(build_multihead_hypernetwork, settings) if variant.multi_head else None,
-        global_model=variant.global_model, sequential=server.sequential,
-        node_timeout=server.node_timeout, fused_adam=server.fused_adam,
-        failures=FailurePolicy(server.visit_retries, server.accept_lost_visits,
-                               server.max_failed_rounds),
-        **callbacks,
-    )
+def build_strategy(settings: Settings, **callbacks: Callable) -> PFedHNStrategy:
+    """The strategy for these settings, its phi initialised from ``settings.seed``.
+
+    MH-pFedHN: phi is built once the clients have reported their sizes.
+    """
+    device = resolve_device(settings.device)
+    if settings.variant.multi_head:
+        return PFedHNStrategy(settings, make_core=lambda sizes: PFedHNCore(
+            build_multihead_hypernetwork(settings, sizes), settings.server, device), **callbacks)
+    core = PFedHNCore(build_hypernetwork(settings), settings.server, device)
+    return PFedHNStrategy(settings, core, **callbacks)
 
 
 def server_components(

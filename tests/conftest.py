@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pFedHN.config import compose_config  # noqa: F401 (the tests take it from here)
+from pFedHN.config import compose_config, load_settings
+from pFedHN.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MNIST = REPO / "tests" / "fixtures" / "tiny_mnist"
@@ -20,6 +21,11 @@ TINY_OVERRIDES = [
     f"dataset.root={TINY_MNIST}", "dataset.download=false", "dataset.val_size=500",
     "num_clients=10",
 ]
+
+
+def tiny_settings(*overrides: str) -> Settings:
+    """The tiny MNIST settings with ``overrides``, checked from the config alone."""
+    return load_settings(compose_config(TINY_OVERRIDES + list(overrides)), on_disk=False)
 
 
 # A short pFedHN-PC run: long enough for checkpoints and evaluations at rounds 8, 16, 24.

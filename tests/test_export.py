@@ -192,7 +192,7 @@ def test_export_by_a_supernode_of_its_own_pc_model_after_the_last_round(tmp_path
     context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                       node_config={"partition-id": 1, "model-dir": str(folder)})
     client = client_builder(settings)(context)
-    theta = strategy.generate(1)
+    theta = strategy.core.generate(1)
     client.fit(theta, {"server-round": 7})  # trains the head, kept in Context.state
     client.evaluate(theta, {"server-round": 7})
     assert not folder.exists()  # not the last round yet

@@ -10,6 +10,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
 from pFedHN.config import ConfigError, load_settings
+from pFedHN.core import PFedHNCore
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.experiment import prepare, run
 from pFedHN.export import export, load_client_model
@@ -17,10 +18,10 @@ from pFedHN.models import MHHyper
 from pFedHN.settings import SplitSettings
 from pFedHN.strategy import Exchange, PFedHNStrategy, RoundsFailingError, payload_bytes
 from pFedHN.zoo import make_client_model
-from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config
+from tests.conftest import TINY_MNIST, TINY_OVERRIDES, compose_config, tiny_settings
 from tests.test_dataset import write_image_folder
 from tests.test_export import exported_test_accuracies, recorded
-from tests.test_strategy import CLIP, LR, MOMENTUM, WD, reference_step
+from tests.test_strategy import CLIP, LR, MOMENTUM, WD, reference_step, server_settings
 
 
 def sizes_of(names):
@@ -48,9 +49,9 @@ def test_generated_vectors_fill_each_architecture_exactly():
 def test_clients_with_equal_chunk_counts_share_a_head_and_only_theirs_learns():
     hnet = MHHyper([1000, 900, 3000], chunk_size=256, embedding_dim=8, hidden_dim=16)
     assert hnet.chunks == [4, 4, 12]
-    strategy = PFedHNStrategy(hnet, num_clients=3, num_rounds=5)
+    core = PFedHNCore(hnet, server_settings())
     before = copy.deepcopy(hnet.state_dict())
-    strategy.update([0], [[np.ones(1000, np.float32)]])
+    core.update([0], [[np.ones(1000, np.float32)]])
     after = hnet.state_dict()
     assert not torch.equal(after["head_weights.4"], before["head_weights.4"])
     assert not torch.equal(after["embeddings.0"], before["embeddings.0"])
@@ -61,16 +62,15 @@ def test_clients_with_equal_chunk_counts_share_a_head_and_only_theirs_learns():
 def test_update_equals_autograd_for_a_heterogeneous_pair():
     torch.manual_seed(0)
     hnet = MHHyper([1000, 3000], chunk_size=256, embedding_dim=8, hidden_dim=16)
-    strategy = PFedHNStrategy(hnet, num_clients=2, num_rounds=5, lr=LR, momentum=MOMENTUM,
-                              weight_decay=WD, clip_norm=CLIP)
-    reference = copy.deepcopy(strategy.hnet)
+    core = PFedHNCore(hnet, server_settings())
+    reference = copy.deepcopy(core.hnet)
     buffers = [None] * len(list(reference.parameters()))
     rng = np.random.default_rng(2)
     for ids in ([1], [0, 1], [0]):
         deltas = [[rng.standard_normal(hnet.sizes[i]).astype(np.float32)] for i in ids]
-        strategy.update(ids, deltas)
+        core.update(ids, deltas)
         reference_step(reference, ids, [[torch.from_numpy(d[0])] for d in deltas], buffers)
-        for ours, ref in zip(strategy.hnet.parameters(), reference.parameters(), strict=True):
+        for ours, ref in zip(core.hnet.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -93,10 +93,9 @@ def test_written_out_vjp_equals_autograds_for_exactly_the_parameters_asked_for()
 
 
 def test_a_delta_of_another_clients_size_is_rejected():
-    strategy = PFedHNStrategy(MHHyper([1000, 3000], chunk_size=256), num_clients=2,
-                              num_rounds=5)
-    assert strategy.check_delta([np.zeros(3000, np.float32)], 1) is None
-    assert "expected (1000,)" in strategy.check_delta([np.zeros(3000, np.float32)], 0)
+    core = PFedHNCore(MHHyper([1000, 3000], chunk_size=256), server_settings())
+    assert core.check_delta([np.zeros(3000, np.float32)], 1) is None
+    assert "expected (1000,)" in core.check_delta([np.zeros(3000, np.float32)], 0)
 
 
 # --- the MH-pFedHN client ---------------------------------------------------------
@@ -193,6 +192,12 @@ def test_epochs_are_shuffled_passes_with_a_smaller_last_batch():
     assert sizes == [32, 32, 32] and len(order) == 96  # pFedHN: independent draws
 
 
+def mh_settings(*overrides):
+    """MH-pFedHN on tiny MNIST, two clients (Adam, as the authors' preset), plus ``overrides``."""
+    return tiny_settings("algorithm=mh_pfedhn", "num_clients=2", "server.clients_per_round=2",
+                         *overrides)
+
+
 class _Proxy:
     def __init__(self, cid):
         self.cid = cid
@@ -201,16 +206,14 @@ class _Proxy:
 def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
     torch.manual_seed(0)
     sizes = [1000, 3000, 700]  # two clients, then the global model
-    strategy = PFedHNStrategy(None, num_clients=2, num_rounds=5, lr=LR, momentum=MOMENTUM,
-                              weight_decay=WD, clip_norm=CLIP, global_model=True,
-                              make_hnet=lambda client_sizes: MHHyper(
-                                  client_sizes + [700], chunk_size=256, embedding_dim=8,
-                                  hidden_dim=16))
-    strategy.client_sizes = {0: 1000, 1: 3000}
-    strategy._use(strategy.make_hnet(sizes[:2]))
-    assert strategy.global_id == 2 and strategy.hnet.sizes == sizes
-    strategy.partition_of = {"a": 0, "b": 1}
-    strategy.exchange = Exchange("global", (0, 1))
+    settings = mh_settings("algorithm=mh_pfedhngd", "server.optimizer=sgd", f"server.lr={LR}",
+                           f"server.momentum={MOMENTUM}", f"server.wd={WD}",
+                           f"server.clip_norm={CLIP}")
+    strategy = PFedHNStrategy(settings, PFedHNCore(MHHyper(
+        sizes, chunk_size=256, embedding_dim=8, hidden_dim=16), settings.server))
+    assert strategy.global_id == 2
+    strategy.nodes.know(object(), {0: _Proxy("a"), 1: _Proxy("b")})
+    assert next(strategy.round(1)).phase == "global"
     reference = copy.deepcopy(strategy.hnet)
     rng = np.random.default_rng(0)
     deltas = [rng.standard_normal(700).astype(np.float32) for _ in range(2)]
@@ -228,7 +231,6 @@ def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
     assert recorded == []  # the round is recorded once, after the personal phase
     # a client sending a delta of its own model's size in the global phase is refused,
     # and so is the round (a redo would give the same delta): the hypernetwork stays
-    strategy.node_of = {0: _Proxy("a"), 1: _Proxy("b")}
     before = copy.deepcopy(strategy.hnet.state_dict())
     own_size = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(1000, np.float32)]),
                       30, {})
@@ -315,11 +317,12 @@ def test_novel_clients_learn_their_embeddings_and_only_unseen_heads():
     torch.manual_seed(0)
     hnet = MHHyper([1000, 900, 3000, 1000], chunk_size=256, embedding_dim=8, hidden_dim=16)
     assert hnet.chunks == [4, 4, 12, 4]  # novel client 2: a size no training client has
-    strategy = PFedHNStrategy(hnet, num_clients=4, num_rounds=5, training_clients=2,
-                              optimizer="adam", lr=1e-3)
-    strategy.learn_embeddings_only([2, 3], num_rounds=3, lr=1e-2, momentum=0.9)
+    settings = mh_settings("num_clients=2", "novel.num_clients=2", "novel.rounds=3",
+                           "novel.lr=1e-2", "novel.optimizer=sgd")
+    strategy = PFedHNStrategy(settings, PFedHNCore(hnet, settings.server))
+    strategy.learn_embeddings_only([2, 3], settings.novel, momentum=0.9)
     before = copy.deepcopy(hnet.state_dict())
-    strategy.update([2, 3], [[np.ones(3000, np.float32)], [np.ones(1000, np.float32)]])
+    strategy.core.update([2, 3], [[np.ones(3000, np.float32)], [np.ones(1000, np.float32)]])
     after = hnet.state_dict()
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert moved == {"embeddings.2", "embeddings.3", "head_weights.12", "head_biases.12"}
@@ -330,46 +333,42 @@ def test_a_checkpoint_rebuilds_the_hypernetwork_from_the_reported_sizes():
         torch.manual_seed(1)
         return MHHyper(sizes, chunk_size=256, embedding_dim=8, hidden_dim=16)
 
-    strategy = PFedHNStrategy(None, num_clients=2, num_rounds=5, make_hnet=make,
-                              optimizer="adam", lr=1e-3)
+    settings = mh_settings()
+    strategy, resumed = (PFedHNStrategy(settings, make_core=lambda sizes: PFedHNCore(
+        make(sizes), settings.server)) for _ in range(2))
     assert strategy.hnet is None  # nothing to build before the clients report
-    strategy.client_sizes = {0: 1000, 1: 3000}
-    strategy._use(make([1000, 3000]))
-    strategy.update([1], [[np.ones(3000, np.float32)]])
+    strategy.load_model_state({"client_sizes": {0: 1000, 1: 3000},
+                               "hnet": make([1000, 3000]).state_dict()})
+    strategy.core.update([1], [[np.ones(3000, np.float32)]])
     state = strategy.state_dict(7)
-    resumed = PFedHNStrategy(None, num_clients=2, num_rounds=9, make_hnet=make,
-                             optimizer="adam", lr=1e-3)
     resumed.load_state_dict(state)
     assert resumed.hnet.sizes == [1000, 3000] and resumed.start_round == 7
     for ours, saved in zip(resumed.hnet.state_dict().values(), state["hnet"].values(),
                            strict=True):
         assert torch.equal(ours, saved)
-    assert resumed.optimizer.state_dict()["state"].keys() == \
-        strategy.optimizer.state_dict()["state"].keys()
+    assert resumed.core.optimizer_state()["state"].keys() == \
+        strategy.core.optimizer_state()["state"].keys()
 
 
 def test_mh_pfedhngd_teacher_is_the_global_model_from_before_the_global_step():
     torch.manual_seed(0)
-    strategy = PFedHNStrategy(MHHyper([1000, 3000, 700], chunk_size=256, embedding_dim=8,
-                                      hidden_dim=16), num_clients=2, num_rounds=5,
-                              clients_per_round=2, lr=1e-1, global_model=True,
-                              optimizer="adam")
+    settings = mh_settings("algorithm=mh_pfedhngd", "server.lr=1e-1",
+                           "server.sequential=false")
+    strategy = PFedHNStrategy(settings, PFedHNCore(MHHyper(
+        [1000, 3000, 700], chunk_size=256, embedding_dim=8, hidden_dim=16), settings.server))
     nodes = object()  # partitions already discovered in this run
-    strategy._nodes_of_run = nodes
-    strategy.node_of = {0: _Proxy("a"), 1: _Proxy("b")}
-    strategy.partition_of = {"a": 0, "b": 1}
-    global_phase, personal_phase = strategy.begin_round()
-    assert global_phase == Exchange("global", tuple(strategy.round_clients))
-    assert personal_phase == Exchange("personal", tuple(strategy.round_clients))
-    strategy.exchange = global_phase
+    strategy.nodes.know(nodes, {0: _Proxy("a"), 1: _Proxy("b")})
+    exchanges = strategy.round(1)
+    global_phase = next(exchanges)
+    assert global_phase.phase == "global" and sorted(global_phase.partitions) == [0, 1]
     sent = strategy.configure_fit(1, None, nodes)
     before = parameters_to_ndarrays(sent[0][1].parameters)
     results = [(proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
         [np.full(700, 0.5, np.float32)]), 10, {})) for proxy, _ in sent]
     strategy.aggregate_fit(1, results, [])
-    after = strategy.generate(2)
+    after = strategy.core.generate(2)
     assert not np.allclose(before[0], after[0])  # the global phase stepped it
-    strategy.exchange = personal_phase
+    assert next(exchanges) == Exchange("personal", global_phase.partitions)
     for proxy, ins in strategy.configure_fit(1, None, nodes):
         own, teacher = parameters_to_ndarrays(ins.parameters)
         assert own.shape == (1000,) if proxy.cid == "a" else own.shape == (3000,)
@@ -382,13 +381,12 @@ def test_sequential_round_equals_single_client_steps_in_order_by_plain_torch():
     sizes = [1000, 3000, 1000, 700]
     hnet = MHHyper(sizes, chunk_size=256, embedding_dim=8, hidden_dim=16)
     reference = copy.deepcopy(hnet)
-    strategy = PFedHNStrategy(hnet, num_clients=4, num_rounds=5, clients_per_round=4, lr=1e-2,
-                              weight_decay=0.0, clip_norm=CLIP, optimizer="adam",
-                              sequential=True, seed=7)
+    settings = mh_settings("num_clients=4", "server.clients_per_round=4", "server.lr=1e-2",
+                           "server.wd=0", f"server.clip_norm={CLIP}", "server.sequential=true",
+                           "seed=7")
+    strategy = PFedHNStrategy(settings, PFedHNCore(hnet, settings.server))
     nodes = object()
-    strategy._nodes_of_run = nodes
-    strategy.node_of = {i: _Proxy(str(i)) for i in range(4)}
-    strategy.partition_of = {str(i): i for i in range(4)}
+    strategy.nodes.know(nodes, {i: _Proxy(str(i)) for i in range(4)})
 
     def local_training(theta):  # a stand-in whose delta depends on the theta it got
         return (0.3 * np.tanh(theta) + 0.01).astype(np.float32)
@@ -397,12 +395,11 @@ def test_sequential_round_equals_single_client_steps_in_order_by_plain_torch():
     strategy.on_fit = lambda r, clients, server: recorded.append((r, len(clients)))
     initial = copy.deepcopy(hnet)
     for server_round in (1, 2):
-        exchanges = strategy.begin_round()
-        assert all(e.phase == "personal" and len(e.partitions) == 1 for e in exchanges)
-        assert sorted(c for e in exchanges for c in e.partitions) == [0, 1, 2, 3]
-        for k, exchange in enumerate(exchanges):
-            strategy.exchange = exchange
+        visited = []
+        for k, exchange in enumerate(strategy.round(server_round)):
+            assert exchange.phase == "personal" and len(exchange.partitions) == 1
             clients = exchange.partitions
+            visited += clients
             [(proxy, ins)] = strategy.configure_fit(server_round, None, nodes)
             [theta] = parameters_to_ndarrays(ins.parameters)
             # Generated by the hypernetwork as the previous client's step left it.
@@ -411,7 +408,7 @@ def test_sequential_round_equals_single_client_steps_in_order_by_plain_torch():
             delta = ndarrays_to_parameters([local_training(theta)])
             strategy.aggregate_fit(server_round, [(proxy, FitRes(Status(Code.OK, ""), delta, 10,
                                                                  {}))], [])
-        strategy.end_round(server_round)
+        assert sorted(visited) == [0, 1, 2, 3]
     assert recorded == [(1, 4), (2, 4)]  # one record per round, every client in it
 
     # Plain torch: a fresh random order each round, one clipped Adam step per client.
@@ -438,14 +435,13 @@ def test_a_client_visit_steps_only_its_own_head_however_many_other_heads_exist()
     def touched_by_one_visit(sizes):
         torch.manual_seed(0)
         hnet = MHHyper(sizes, chunk_size=256, embedding_dim=8, hidden_dim=16)
-        strategy = PFedHNStrategy(hnet, num_clients=len(sizes), num_rounds=5,
-                                  optimizer="adam", lr=2e-4, weight_decay=0.0)
+        core = PFedHNCore(hnet, mh_settings("server.lr=2e-4", "server.wd=0").server)
         before = copy.deepcopy(hnet.state_dict())
-        strategy.update([0], [[np.ones(sizes[0], np.float32)]])
+        core.update([0], [[np.ones(sizes[0], np.float32)]])
         names = {id(p): n for n, p in hnet.named_parameters()}
-        stepped = sorted(names[id(p)] for p in strategy.optimizer.state)
+        stepped = sorted(names[id(p)] for p in core.optimizer.state)
         changed = sorted(n for n, t in hnet.state_dict().items() if not torch.equal(t, before[n]))
-        return stepped, changed, sum(p.numel() for p in strategy.optimizer.state)
+        return stepped, changed, sum(p.numel() for p in core.optimizer.state)
 
     alone = touched_by_one_visit([1000])
     crowded = touched_by_one_visit([1000, 3000, 6000, 9000])

@@ -12,6 +12,7 @@ import torch
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR
+from pFedHN.core import PFedHNCore
 from pFedHN.dataset import client_indices
 from pFedHN.experiment import novel_checkpointer, prepare, run, run_novel, trained_strategy
 from pFedHN.export import export
@@ -21,23 +22,25 @@ from pFedHN.server import build_strategy
 from pFedHN.settings import SplitSettings
 from pFedHN.signals import RunStoppedError, StopRequest
 from pFedHN.strategy import PFedHNStrategy
-from tests.conftest import TINY_OVERRIDES, compose_config
+from tests.conftest import TINY_OVERRIDES, compose_config, tiny_settings
 from tests.test_export import exported_test_accuracies, recorded
 
 
 def test_embedding_training_moves_only_the_novel_embeddings():
     torch.manual_seed(0)
     hnet = CNNHyper(6, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
-    strategy = PFedHNStrategy(hnet, num_clients=6, num_rounds=10, training_clients=4)
+    settings = tiny_settings("num_clients=4", "novel.num_clients=2", "novel.rounds=3",
+                             "novel.lr=0.1")
+    strategy = PFedHNStrategy(settings, PFedHNCore(hnet, settings.server))
     assert strategy.clients == [0, 1, 2, 3]
     frozen = copy.deepcopy(strategy.hnet.state_dict())
-    strategy.learn_embeddings_only([4, 5], num_rounds=3, lr=0.1, momentum=0.9)
+    strategy.learn_embeddings_only([4, 5], settings.novel, momentum=0.9)
     assert strategy.clients == [4, 5] and strategy.eval_rounds == {0, 3}
     rng = np.random.default_rng(0)
     for i in (4, 5, 4):
         delta = [rng.standard_normal(t.shape).astype(np.float32)
                  for t in strategy.hnet(i).values()]
-        strategy.update([i], [delta])
+        strategy.core.update([i], [delta])
     after = strategy.hnet.state_dict()
     for name, before in frozen.items():
         if name != "embeddings.weight":
@@ -197,19 +200,20 @@ def test_novel_phase_with_adam_steps_only_the_novel_embedding_as_plain_torch_ada
     """The MH-pFedHN authors' run_test.py: Adam on the novel embeddings, evaluated every round."""
     torch.manual_seed(0)
     hnet = CNNHyper(6, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
-    strategy = PFedHNStrategy(hnet, num_clients=6, num_rounds=10, training_clients=4,
-                              clip_norm=50.0)
+    settings = tiny_settings("num_clients=4", "novel.num_clients=2", "novel.rounds=3",
+                             "novel.lr=2e-4", "novel.optimizer=adam", "novel.eval_every=1",
+                             "server.clip_norm=50")
+    strategy = PFedHNStrategy(settings, PFedHNCore(hnet, settings.server))
     reference = copy.deepcopy(hnet)
-    strategy.learn_embeddings_only([4, 5], num_rounds=3, lr=2e-4, momentum=0.9,
-                                   optimizer="adam", eval_every=1)
-    assert isinstance(strategy.optimizer, torch.optim.Adam)
+    strategy.learn_embeddings_only([4, 5], settings.novel, momentum=0.9)
+    assert isinstance(strategy.core.optimizer, torch.optim.Adam)
     assert strategy.eval_rounds == {0, 1, 2, 3}
     adam = torch.optim.Adam([reference.embeddings.weight], lr=2e-4)
     rng = np.random.default_rng(1)
     for i in (5, 4, 5):
         delta = [rng.standard_normal(t.shape).astype(np.float32)
                  for t in strategy.hnet(i).values()]
-        strategy.update([i], [delta])
+        strategy.core.update([i], [delta])
         # By hand: grad of <theta_i(v), delta> w.r.t. the embedding table, clipped, Adam.
         objective = sum((t * torch.from_numpy(d)).sum()
                         for t, d in zip(reference(i).values(), delta, strict=True))

@@ -13,9 +13,11 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
+from pFedHN.core import PFedHNCore
 from pFedHN.models import CNNHyper, MHHyper
 from pFedHN.server import PFedHNServer
-from pFedHN.strategy import FailurePolicy, PFedHNStrategy, RoundsFailingError
+from pFedHN.strategy import PFedHNStrategy, RoundsFailingError
+from tests.conftest import tiny_settings
 
 NUM_CLIENTS = 4
 
@@ -65,24 +67,23 @@ def hypernetwork(kind: str) -> CNNHyper | MHHyper:
     return CNNHyper(NUM_CLIENTS, shapes, embedding_dim=4, hidden_dim=16, n_hidden=1)
 
 
-def make_server(kind: str, proxies: list[FlakyProxy], policy: FailurePolicy | None = None):
+def make_server(kind: str, proxies: list[FlakyProxy], *overrides: str):
     """The package's server and strategy, its nodes already known (no discovery)."""
     sequential = kind == "mh-sequential"
-    strategy = PFedHNStrategy(
-        hypernetwork(kind), num_clients=NUM_CLIENTS, num_rounds=5,
-        clients_per_round=NUM_CLIENTS if sequential else 2, lr=1e-2, weight_decay=1e-3,
-        optimizer="adam" if sequential else "sgd", sequential=sequential, seed=7,
-        failures=policy or FailurePolicy())
+    settings = tiny_settings(
+        f"num_clients={NUM_CLIENTS}", "seed=7", "server.lr=1e-2", "server.wd=1e-3",
+        f"server.clients_per_round={NUM_CLIENTS if sequential else 2}",
+        f"server.optimizer={'adam' if sequential else 'sgd'}", f"server.sequential={sequential}",
+        *overrides)
+    strategy = PFedHNStrategy(settings, PFedHNCore(hypernetwork(kind), settings.server))
     server = PFedHNServer(client_manager=SimpleClientManager(), strategy=strategy)
-    strategy._nodes_of_run = server.client_manager()
-    strategy.node_of = dict(enumerate(proxies))
-    strategy.partition_of = {p.cid: i for i, p in enumerate(proxies)}
+    strategy.nodes.know(server.client_manager(), dict(enumerate(proxies)))
     records = []
     strategy.on_fit = lambda r, clients, server_metrics: records.append(
         (r, len(clients), server_metrics))
     steps = []
-    update = strategy.update
-    strategy.update = lambda ids, deltas: (steps.append(list(ids)), update(ids, deltas))
+    update = strategy.core.update
+    strategy.core.update = lambda ids, deltas: (steps.append(list(ids)), update(ids, deltas))
     return server, strategy, records, steps
 
 
@@ -143,9 +144,9 @@ def test_a_delta_that_cannot_be_used_is_not_retried_and_a_redo_would_not_help():
 
 def test_accepted_lost_visits_leave_the_round_with_the_others_and_are_counted():
     always = {r: 99 for r in range(1, 4)}
-    policy = FailurePolicy(visit_retries=1, accept_lost_visits=True)
     flaky = proxies(c2={"fail": always})
-    server, strategy, records, steps = make_server("mh-sequential", flaky, policy)
+    server, strategy, records, steps = make_server(
+        "mh-sequential", flaky, "server.visit_retries=1", "server.accept_lost_visits=true")
     reference = copy.deepcopy(strategy.hnet)
     for server_round in (1, 2, 3):
         server.fit_round(server_round, None)

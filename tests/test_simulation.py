@@ -75,7 +75,7 @@ def test_main_end_to_end_learns_writes_its_outputs_and_exports_its_models(tmp_pa
     # Communication: theta_i out and delta_theta back, same arrays, every round.
     settings = Settings.from_config(compose_config(TINY_OVERRIDES + ["num_clients=5"]))
     strategy = build_strategy(settings)
-    theta_bytes = payload_bytes(ndarrays_to_parameters(strategy.generate(0)))
+    theta_bytes = payload_bytes(ndarrays_to_parameters(strategy.core.generate(0)))
     traffic = results["communication"]
     assert traffic["last_training_round_sent_bytes"] == theta_bytes
     assert traffic["training_received_bytes"] == traffic["training_sent_bytes"] == 60 * theta_bytes

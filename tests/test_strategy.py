@@ -7,6 +7,7 @@ import torch
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
+from pFedHN.core import PFedHNCore
 from pFedHN.models import CNNHyper, CNNTarget, MHHyper, parameter_shapes
 from pFedHN.strategy import (
     NO_PARAMETERS,
@@ -15,15 +16,21 @@ from pFedHN.strategy import (
     evaluation_rounds,
     pooled_metrics,
 )
+from tests.conftest import tiny_settings
 
 LR, MOMENTUM, WD, CLIP = 1e-2, 0.9, 1e-3, 50.0
 
 
-def make_strategy(seed=0, device="cpu"):
+def server_settings(*overrides):
+    """The outer optimizer of these tests (SGD), with ``overrides``."""
+    return tiny_settings(f"server.lr={LR}", f"server.momentum={MOMENTUM}", f"server.wd={WD}",
+                         f"server.clip_norm={CLIP}", "server.optimizer=sgd", *overrides).server
+
+
+def make_core(seed=0, device="cpu"):
     torch.manual_seed(seed)
     hnet = CNNHyper(4, parameter_shapes(CNNTarget(1, 7, 10, 28)), n_hidden=1)
-    return PFedHNStrategy(hnet, num_clients=4, num_rounds=10, lr=LR, momentum=MOMENTUM,
-                          weight_decay=WD, clip_norm=CLIP, device=device)
+    return PFedHNCore(hnet, server_settings(), device)
 
 
 def reference_step(hnet, partition_ids, deltas, buffers):
@@ -49,41 +56,41 @@ def reference_step(hnet, partition_ids, deltas, buffers):
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # clipping inactive / active
 def test_update_equals_autograd_of_inner_product(scale, device):
-    strategy = make_strategy(device=device)
-    assert strategy.hnet.embeddings.weight.device.type == device.type
-    reference = copy.deepcopy(strategy.hnet)
+    core = make_core(device=device)
+    assert core.hnet.embeddings.weight.device.type == device.type
+    reference = copy.deepcopy(core.hnet)
     buffers = [None] * len(list(reference.parameters()))
     rng = np.random.default_rng(1)
     norms = []
     for ids in ([2], [0], [3, 1]):  # momentum carries over; then two clients at once
         deltas = [[scale * rng.standard_normal(t.shape).astype(np.float32)
-                   for t in strategy.hnet(i).values()] for i in ids]
-        strategy.update(ids, deltas)
+                   for t in core.hnet(i).values()] for i in ids]
+        core.update(ids, deltas)
         as_tensors = [[torch.from_numpy(d).to(device) for d in delta] for delta in deltas]
         norms.append(reference_step(reference, ids, as_tensors, buffers))
-        pairs = zip(strategy.hnet.parameters(), reference.parameters(), strict=True)
+        pairs = zip(core.hnet.parameters(), reference.parameters(), strict=True)
         for ours, ref in pairs:
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)  # float32 sums
     assert (max(norms) > CLIP) == (scale > 1)
 
 
 def test_generate_returns_host_arrays_of_the_target_shapes(device):
-    strategy = make_strategy(device=device)
-    theta = strategy.generate(2)
-    shapes = [tuple(s) for s in strategy.hnet.target_shapes.values()]
+    core = make_core(device=device)
+    theta = core.generate(2)
+    shapes = [tuple(s) for s in core.hnet.target_shapes.values()]
     assert [a.shape for a in theta] == shapes
     assert all(isinstance(a, np.ndarray) for a in theta)
-    expected = [t.detach().cpu().numpy() for t in strategy.hnet(2).values()]
+    expected = [t.detach().cpu().numpy() for t in core.hnet(2).values()]
     assert all(np.array_equal(a, b) for a, b in zip(theta, expected, strict=True))
 
 
 def test_only_the_sampled_clients_embedding_gets_a_gradient_signal():
-    strategy = make_strategy()
-    strategy.optimizer.param_groups[0]["weight_decay"] = 0.0
-    before = strategy.hnet.embeddings.weight.detach().clone()
-    deltas = [[np.ones(t.shape, np.float32) for t in strategy.hnet(1).values()]]
-    strategy.update([1], deltas)
-    moved = (strategy.hnet.embeddings.weight.detach() != before).any(dim=1)
+    core = make_core()
+    core.optimizer.param_groups[0]["weight_decay"] = 0.0
+    before = core.hnet.embeddings.weight.detach().clone()
+    deltas = [[np.ones(t.shape, np.float32) for t in core.hnet(1).values()]]
+    core.update([1], deltas)
+    moved = (core.hnet.embeddings.weight.detach() != before).any(dim=1)
     assert moved.tolist() == [False, True, False, False]
 
 
@@ -117,8 +124,8 @@ class _Node(ClientProxy):
 
 
 def test_too_few_nodes_stop_the_run_naming_the_nodes_and_num_clients():
-    strategy = make_strategy()
-    strategy.node_timeout = 0.5
+    strategy = PFedHNStrategy(tiny_settings("num_clients=4", "server.node_timeout=0.5"),
+                              make_core())
     manager = SimpleClientManager()
     for cid in ("a", "b"):
         manager.register(_Node(cid))
@@ -142,27 +149,27 @@ def test_fused_adam_steps_like_the_default_kernel_within_a_float_rounding():
     rng = np.random.default_rng(3)
     optimizer, lr = "adam", 2e-4
 
-    def delta_for(strategy, i):
+    def delta_for(core, i):
         return [[(0.01 * rng.standard_normal(t.shape)).astype(np.float32)
-                 for t in strategy.hnet(i).values()]]
+                 for t in core.hnet(i).values()]]
 
     torch.manual_seed(0)
     hnet = MHHyper([1000, 3000], chunk_size=256)
-    strategies = {fused: PFedHNStrategy(copy.deepcopy(hnet), num_clients=2, num_rounds=10,
-                                        optimizer=optimizer, lr=lr, momentum=MOMENTUM,
-                                        weight_decay=WD, fused_adam=fused)
+    strategies = {fused: PFedHNCore(copy.deepcopy(hnet), server_settings(
+        f"server.optimizer={optimizer}", f"server.lr={lr}", f"server.fused_adam={fused}"))
                   for fused in (True, False)}
     fused, default = strategies[True], strategies[False]
     for i in (0, 1, 0):  # the optimizer's state builds up under the fused kernel ...
         fused.update([i], delta_for(fused, i))
     # ... then both continue from that state, as a resume under the other kernel would.
-    default.load_state_dict(copy.deepcopy(fused.state_dict(server_round=3)))  # as if read
+    default.hnet.load_state_dict(fused.hnet.state_dict())
+    default.load_optimizer_state(copy.deepcopy(fused.optimizer_state()))  # as if read
     assert default.optimizer.param_groups[0]["fused"] is None
     assert fused.optimizer.param_groups[0]["fused"] is True
     before = copy.deepcopy(fused.hnet.state_dict())
     delta = delta_for(fused, 1)
-    for strategy in (fused, default):
-        strategy.update([1], delta)
+    for core in (fused, default):
+        core.update([1], delta)
     moved = 0
     for (name, ours), theirs in zip(fused.hnet.state_dict().items(),
                                     default.hnet.state_dict().values(), strict=True):
