@@ -131,7 +131,7 @@ def main() -> None:
     saved = checkpoint.load(args.run_dir, settings)
     strategy = build_strategy(settings)
     strategy.load_state_dict(saved["strategy"])
-    clients = strategy.clients
+    clients = strategy.schedule.clients
     data = federated_data(data_spec(settings), settings.dataset.root, settings.split)
     figures: dict = {"run": args.run_dir.name, "checkpoint_round": saved["round"]}
     if settings.variant.global_model:

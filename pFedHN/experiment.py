@@ -301,7 +301,7 @@ def train(settings: Settings, experiment: Experiment) -> Experiment:
             experiment = start_experiment(settings.replace(resume=str(run_dir)) if saved
                                           else settings, run_dir, experiment.recorder.split,
                                           simulated=True, stop=experiment.stop)
-            restarts[-1]["resumed_from"] = experiment.strategy.start_round
+            restarts[-1]["resumed_from"] = experiment.strategy.schedule.start_round
             experiment.recorder.restarts = restarts
 
 

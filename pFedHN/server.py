@@ -132,7 +132,7 @@ def server_components(
     return ServerAppComponents(
         server=PFedHNServer(client_manager=SimpleClientManager(), strategy=strategy,
                             on_finish=on_finish),
-        config=ServerConfig(num_rounds=num_rounds - strategy.start_round,
+        config=ServerConfig(num_rounds=num_rounds - strategy.schedule.start_round,
                             round_timeout=round_timeout),
     )
 

@@ -10,7 +10,6 @@ replies to ``aggregate_fit``, which steps ``core`` (``pFedHN.core``).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from flwr.server.strategy import Strategy
 from pFedHN.core import PFedHNCore
 from pFedHN.models import CNNHyper, MHHyper
 from pFedHN.nodes import FederationTooSmallError, Nodes
+from pFedHN.round_log import FailurePolicy, RoundLog, RoundsFailingError, failure_reasons
+from pFedHN.schedule import Schedule
 from pFedHN.settings import NovelSettings, Settings
 
 __all__ = ["FederationTooSmallError", "PFedHNStrategy", "RoundsFailingError"]
@@ -53,41 +54,6 @@ class Exchange:
 
     phase: str
     partitions: tuple[int, ...]
-
-
-class RoundsFailingError(RuntimeError):
-    """Client visits that brought no update: the clients or their backend are failing.
-
-    ``redo``: whether redoing the rounds from the last checkpoint may heal it (a
-    crashed client or worker), or would give the same again (a delta_theta that
-    cannot be used, computed afresh from the same weights and seed).
-    """
-
-    def __init__(self, message: str, redo: bool = True) -> None:
-        super().__init__(message)
-        self.redo = redo
-
-
-@dataclass(frozen=True)
-class FailurePolicy:
-    """What a round does about client visits that bring no update (``server.*`` keys).
-
-    ``visit_retries``: times a visit that failed (the client raised, timed out or
-    was not reached) is sent again, the same weights to the same client, within
-    its exchange. A visit still lost then, or one whose delta_theta cannot be used,
-    fails the round (``RoundsFailingError``: no record, no checkpoint), unless
-    ``accept_lost_visits``: then the round goes on without it, logged and counted,
-    and ``max_failed_rounds`` rounds in a row without any update stop the run.
-    """
-
-    visit_retries: int = 2
-    accept_lost_visits: bool = False
-    max_failed_rounds: int | None = 3
-
-
-def evaluation_rounds(num_rounds: int, eval_every: int) -> set[int]:
-    """Round 0 (untrained), every ``eval_every`` rounds, and the last round."""
-    return {0, num_rounds, *range(eval_every, num_rounds + 1, eval_every)}
 
 
 def pooled_metrics(results: Sequence[dict[str, Scalar]]) -> dict[str, float]:
@@ -113,40 +79,6 @@ def payload_bytes(parameters: Parameters) -> int:
     return sum(len(tensor) for tensor in parameters.tensors)
 
 
-def _describe(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
-    """One short line: the last line of a client's traceback says what went wrong."""
-    if isinstance(failure, BaseException):
-        text = f"{type(failure).__name__}: {failure}"
-    else:
-        text = f"status {failure[1].status.code.name}: {failure[1].status.message}"
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
-    return [line for line in lines if line][-1][:300]
-
-
-def _failure_reasons(
-    failures: list[tuple[ClientProxy, FitRes] | BaseException],
-) -> Callable[[ClientProxy], str]:
-    """Why a client's visit failed: its own status, or the exceptions (they name no client)."""
-    own = {f[0].cid: _describe(f) for f in failures if not isinstance(f, BaseException)}
-    anonymous = "; ".join(_describe(f) for f in failures if isinstance(f, BaseException))
-    return lambda proxy: own.get(proxy.cid, anonymous or "no reply")
-
-
-def lost_visits_error(server_round: int, lost: list[dict[str, Any]],
-                      retries: int) -> RoundsFailingError:
-    """The round is not kept: raised before it is recorded, so no checkpoint follows it."""
-    clients = sorted({r["partition_id"] for r in lost})
-    redo = any(r["kind"] == "failed" for r in lost)
-    return RoundsFailingError(
-        f"round {server_round} lost the visits of clients {clients} ("
-        f"{lost[-1]['reason'][:300]})"
-        + (f", after server.visit_retries={retries} retries" if redo
-           else "; the same weights would give that delta_theta again")
-        + ". Without them the hypernetwork takes fewer steps than the protocol's, so the "
-        "round is not kept (server.accept_lost_visits=true goes on without them).",
-        redo=redo)
-
-
 def per_client_accuracy(results: list[tuple[ClientProxy, EvaluateRes]],
                         num_parameters: Callable[[int], int]) -> dict[int, dict[str, Any]]:
     """Each evaluated client's accuracies, test samples and network size, by partition."""
@@ -161,11 +93,6 @@ def per_client_accuracy(results: list[tuple[ClientProxy, EvaluateRes]],
             "num_parameters": num_parameters(partition_id),
         }
     return per_client
-
-
-def _empty_round_log() -> dict[str, Any]:
-    return {"clients": [], "server-time-s": 0.0, "rejected": [], "retried": [],
-            "bytes-sent": 0, "bytes-received": 0}
 
 
 class PFedHNStrategy(Strategy):
@@ -188,24 +115,14 @@ class PFedHNStrategy(Strategy):
         self.client_sizes: dict[int, int] = {}  # parameter counts the clients reported
         self.nodes = Nodes(settings.partitions, server.node_timeout)
         self.global_id = settings.partitions if settings.variant.global_model else None
-        # The partitions sampled for training and evaluated; the rest are novel clients.
-        self.clients = list(range(settings.num_clients))
-        self.clients_per_round = server.clients_per_round
-        self.sequential = server.sequential  # one outer step per client visit
-        self.eval_rounds = evaluation_rounds(settings.num_rounds, settings.eval_every)
+        self.schedule = Schedule(settings)  # who is visited when
         self.failures = FailurePolicy(server.visit_retries, server.accept_lost_visits,
                                       server.max_failed_rounds)
-        self._failed_in_a_row = 0  # rounds without an update (accept_lost_visits)
-        self.rng = np.random.default_rng(settings.seed)
+        self.log = RoundLog(self.failures)  # the round's record, reported once
         self.on_fit, self.on_evaluate = on_fit, on_evaluate
-        self.start_round = 0  # > 0 when resumed: Flower counts rounds from 1 again
         self.exchange = Exchange("personal", ())  # the one under way (see ``round``)
-        self._round_log: dict[str, Any] = _empty_round_log()  # recorded by end_round
         self._teacher: list[np.ndarray] = []  # MH-pFedHNGD: this round's pre-step global model
         self._sent = (0.0, 0)  # server seconds and bytes of the last configure_* call
-        # The last completed round (true count) and the sampler's state then; None once
-        # phi has moved in the round after it (see state_at_last_round).
-        self._last_round: tuple[int, dict] | None = (0, self.rng.bit_generator.state)
 
     @property
     def hnet(self) -> CNNHyper | MHHyper | None:
@@ -226,13 +143,12 @@ class PFedHNStrategy(Strategy):
            order, each followed by an outer step on that client's delta alone.
            MH-pFedHNGD's clients distil from the teacher.
         """
-        chosen = self.rng.choice(len(self.clients), self.clients_per_round, replace=False)
-        sampled = tuple(self.clients[int(i)] for i in chosen)
-        self._round_log = _empty_round_log()
+        sampled = self.schedule.sample()
+        self.log.close()  # a fresh record (a failed round may have left one)
         if self.global_id is not None:
             self.exchange = Exchange("global", sampled)
             yield self.exchange
-        for group in ([(i,) for i in sampled] if self.sequential else [sampled]):
+        for group in self.schedule.visits(sampled):
             self.exchange = Exchange("personal", group)
             yield self.exchange
         self.end_round(server_round)
@@ -249,7 +165,7 @@ class PFedHNStrategy(Strategy):
         """
         self._discover_partitions(client_manager, server_round)
         start = time.perf_counter()
-        config: dict[str, Scalar] = {"server-round": server_round + self.start_round}
+        config: dict[str, Scalar] = {"server-round": server_round + self.schedule.start_round}
         if self.exchange.phase == "global":
             self._teacher = self.core.generate(self.global_id)
             thetas = {i: self._teacher for i in self.exchange.partitions}
@@ -277,7 +193,7 @@ class PFedHNStrategy(Strategy):
         (``RoundsFailingError``) unless lost visits are accepted; then phi is
         stepped on the deltas that passed.
         """
-        server_round += self.start_round
+        server_round += self.schedule.start_round
         start = time.perf_counter()
         in_global_phase = self.exchange.phase == "global"
         # In the exchange's (sampled) order, not the order replies came in: the
@@ -298,49 +214,31 @@ class PFedHNStrategy(Strategy):
                 rejected.append({"partition_id": partition_id, "reason": problem,
                                  "kind": "rejected"})
         answered = set(accepted) | {r["partition_id"] for r in rejected}
-        reason_of = _failure_reasons(failures)
+        reason_of = failure_reasons(failures)
         rejected += [{"partition_id": i, "reason": reason_of(self.nodes.node_of[i]),
                       "kind": "failed"} for i in self.exchange.partitions if i not in answered]
-        if rejected and not self.failures.accept_lost_visits:
-            raise lost_visits_error(server_round, rejected, self.failures.visit_retries)
-        for r in rejected:
-            log.warning("round %d: client %d left out%s: %s", server_round, r["partition_id"],
-                        " of the global phase" if in_global_phase else "", r["reason"])
+        self.log.lost(server_round, rejected, " of the global phase" if in_global_phase else "")
         if accepted:
-            self._last_round = None  # from here on, the state is no completed round's
+            self.schedule.last_round = None  # from here on, phi is no completed round's
             deltas, examples = zip(*accepted.values(), strict=True)
             if in_global_phase:
                 self.core.update_global(self.global_id, deltas, examples)
             else:
                 self.core.update(list(accepted), deltas)
-        self._log_exchange(results, rejected, accepted, time.perf_counter() - start)
+        self.log.exchange(self._sent[0] + time.perf_counter() - start, self._sent[1],
+                          sum(payload_bytes(r.parameters) for _, r in results),
+                          None if in_global_phase else
+                          [r.metrics for p, r in results if partition_of[p.cid] in accepted])
         return NO_PARAMETERS, {}
 
     def end_round(self, server_round: int) -> None:
-        """Report the round once, all its exchanges together (Flower's count).
-
-        A round that lost visits gets here only if lost visits are accepted.
-        Then ``max_failed_rounds`` rounds in a row in which no client's result
-        reached phi stop the run: a dead simulation backend or federation would
-        otherwise race through the remaining rounds in seconds.
-        """
-        round_log, self._round_log = self._round_log, _empty_round_log()
-        server_round += self.start_round
-        clients = round_log.pop("clients")
-        self._last_round = (server_round, self.rng.bit_generator.state)
+        """Report the round once, all its exchanges together (Flower's count)."""
+        clients, record = self.log.close()
+        server_round += self.schedule.start_round
+        self.schedule.completed(server_round)
         if self.on_fit is not None:
-            self.on_fit(server_round, clients, round_log)
-        self._failed_in_a_row = 0 if clients else self._failed_in_a_row + 1
-        most = self.failures.max_failed_rounds
-        if most is not None and self._failed_in_a_row >= most:
-            lost = round_log["rejected"]
-            raise RoundsFailingError(
-                f"rounds {server_round - self._failed_in_a_row + 1}-{server_round}: no "
-                f"client's result reached the hypernetwork (the last reason: "
-                f"{(lost[-1]['reason'] if lost else 'no reply')[:300]}). Stopped by "
-                f"server.max_failed_rounds={most} (null: never stop). Rounds without an "
-                f"update write no checkpoint: once the clients are back, resume=<run dir> "
-                f"goes on from the last one.")
+            self.on_fit(server_round, clients, record)
+        self.log.count(server_round, clients, record)
 
     def visits_to_retry(
         self,
@@ -356,39 +254,26 @@ class PFedHNStrategy(Strategy):
         """
         answered = {proxy.cid for proxy, _ in results}
         retry = [(proxy, ins) for proxy, ins in instructions if proxy.cid not in answered]
-        reason_of = _failure_reasons(failures)
+        reason_of = failure_reasons(failures)
         for proxy, _ in retry:
-            partition_id, reason = self.nodes.partition_of[proxy.cid], reason_of(proxy)
-            log.warning("round %d: client %d failed (%s); sending its visit again",
-                        server_round + self.start_round, partition_id, reason)
-            self._round_log["retried"].append({"partition_id": partition_id, "reason": reason})
+            self.log.retried(server_round + self.schedule.start_round,
+                             self.nodes.partition_of[proxy.cid], reason_of(proxy))
         return retry
-
-    def _log_exchange(self, results: list[tuple[ClientProxy, FitRes]],
-                      rejected: list[dict[str, Any]], accepted: dict[int, Any],
-                      step_s: float) -> None:
-        round_log = self._round_log
-        round_log["server-time-s"] += self._sent[0] + step_s
-        round_log["rejected"] += rejected
-        round_log["bytes-sent"] += self._sent[1]
-        round_log["bytes-received"] += sum(payload_bytes(r.parameters) for _, r in results)
-        if self.exchange.phase == "personal":  # the round's record: its personal training
-            round_log["clients"] += [r.metrics for p, r in results
-                                     if self.nodes.partition_of[p.cid] in accepted]
 
     # --- evaluation ----------------------------------------------------------------
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """On evaluation rounds, every client evaluates its own generated model."""
-        if server_round + self.start_round not in self.eval_rounds:
+        if not self.schedule.evaluates(server_round):
             return []
         self._discover_partitions(client_manager, server_round)
         start = time.perf_counter()
-        config: dict[str, Scalar] = {"server-round": server_round + self.start_round}
+        config: dict[str, Scalar] = {"server-round": server_round + self.schedule.start_round}
         instructions = [
             (self.nodes.node_of[i], EvaluateIns(ndarrays_to_parameters(theta), config))
-            for i, theta in zip(self.clients, self.core.generate_many(self.clients), strict=True)
+            for i, theta in zip(self.schedule.clients,
+                                self.core.generate_many(self.schedule.clients), strict=True)
         ]
         self._sent = (start, sum(payload_bytes(ins.parameters) for _, ins in instructions))
         return instructions
@@ -400,7 +285,7 @@ class PFedHNStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Pool accuracy and loss over clients; report the per-client spread."""
-        server_round += self.start_round
+        server_round += self.schedule.start_round
         for failure in failures:
             log.warning("round %d: a client failed evaluation: %r", server_round, failure)
         if not results:
@@ -441,18 +326,12 @@ class PFedHNStrategy(Strategy):
     # --- novel clients, and state --------------------------------------------------
     def learn_embeddings_only(self, partition_ids: Sequence[int], novel: NovelSettings,
                               momentum: float) -> None:
-        """Novel clients: from now on sample, evaluate and train only them.
+        """Novel clients: from now on only they are sampled, evaluated, and trained.
 
-        Only their embeddings learn (``PFedHNCore.learn_embeddings_only``); no
-        global phase. Evaluated at round 0 and ``novel.rounds`` (and every ``novel.eval_every``).
+        Only their embeddings learn (``PFedHNCore.learn_embeddings_only``); no global phase.
         """
-        self.core.learn_embeddings_only(self.clients, partition_ids, novel, momentum)
-        self.clients = list(partition_ids)
-        self.clients_per_round = min(self.clients_per_round, len(self.clients))
-        self.eval_rounds = {0, novel.rounds} if novel.eval_every is None \
-            else evaluation_rounds(novel.rounds, novel.eval_every)
-        self.start_round = 0
-        self._last_round = (0, self.rng.bit_generator.state)
+        self.core.learn_embeddings_only(self.schedule.clients, partition_ids, novel, momentum)
+        self.schedule.novel_phase(partition_ids, novel)
         self.global_id = None
 
     def memory_bytes(self) -> dict[str, int]:
@@ -475,15 +354,13 @@ class PFedHNStrategy(Strategy):
         """Everything needed to continue after ``server_round`` (a true round number)."""
         return self.model_state() | {"round": server_round,
                                      "optimizer": self.core.optimizer_state(),
-                                     "rng": self.rng.bit_generator.state}
+                                     "rng": self.schedule.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: Flower's round r becomes round start_round + r."""
         self.load_model_state(state)
         self.core.load_optimizer_state(state["optimizer"])
-        self.rng.bit_generator.state = state["rng"]
-        self.start_round = int(state["round"])
-        self._last_round = (self.start_round, self.rng.bit_generator.state)
+        self.schedule.resume(int(state["round"]), state["rng"])
 
     def state_at_last_round(self) -> tuple[int, dict[str, Any]] | None:
         """The last completed round and ``state_dict`` there, while the state is still that.
@@ -492,7 +369,7 @@ class PFedHNStrategy(Strategy):
         round in flight first steps phi, only its sampling has moved on, and that
         is put back. None once it has stepped (a sequential round).
         """
-        if self._last_round is None or self.core is None:
+        if self.schedule.last_round is None or self.core is None:
             return None
-        server_round, rng = self._last_round
+        server_round, rng = self.schedule.last_round
         return server_round, self.state_dict(server_round) | {"rng": rng}

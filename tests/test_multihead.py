@@ -342,7 +342,7 @@ def test_a_checkpoint_rebuilds_the_hypernetwork_from_the_reported_sizes():
     strategy.core.update([1], [[np.ones(3000, np.float32)]])
     state = strategy.state_dict(7)
     resumed.load_state_dict(state)
-    assert resumed.hnet.sizes == [1000, 3000] and resumed.start_round == 7
+    assert resumed.hnet.sizes == [1000, 3000] and resumed.schedule.start_round == 7
     for ours, saved in zip(resumed.hnet.state_dict().values(), state["hnet"].values(),
                            strict=True):
         assert torch.equal(ours, saved)

@@ -32,10 +32,10 @@ def test_embedding_training_moves_only_the_novel_embeddings():
     settings = tiny_settings("num_clients=4", "novel.num_clients=2", "novel.rounds=3",
                              "novel.lr=0.1")
     strategy = PFedHNStrategy(settings, PFedHNCore(hnet, settings.server))
-    assert strategy.clients == [0, 1, 2, 3]
+    assert strategy.schedule.clients == [0, 1, 2, 3]
     frozen = copy.deepcopy(strategy.hnet.state_dict())
     strategy.learn_embeddings_only([4, 5], settings.novel, momentum=0.9)
-    assert strategy.clients == [4, 5] and strategy.eval_rounds == {0, 3}
+    assert strategy.schedule.clients == [4, 5] and strategy.schedule.eval_rounds == {0, 3}
     rng = np.random.default_rng(0)
     for i in (4, 5, 4):
         delta = [rng.standard_normal(t.shape).astype(np.float32)
@@ -207,7 +207,7 @@ def test_novel_phase_with_adam_steps_only_the_novel_embedding_as_plain_torch_ada
     reference = copy.deepcopy(hnet)
     strategy.learn_embeddings_only([4, 5], settings.novel, momentum=0.9)
     assert isinstance(strategy.core.optimizer, torch.optim.Adam)
-    assert strategy.eval_rounds == {0, 1, 2, 3}
+    assert strategy.schedule.eval_rounds == {0, 1, 2, 3}
     adam = torch.optim.Adam([reference.embeddings.weight], lr=2e-4)
     rng = np.random.default_rng(1)
     for i in (5, 4, 5):

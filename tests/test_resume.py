@@ -253,11 +253,11 @@ def test_strategy_state_round_trips(saved_run):
     run_dir, cfg = saved_run
     fresh = build_strategy(small_settings("seed=3"))  # other initial weights
     fresh.load_state_dict(checkpoint.load(run_dir, cfg)["strategy"])
-    assert fresh.start_round == 10
+    assert fresh.schedule.start_round == 10
     reference = build_strategy(cfg)
     for a, b in zip(fresh.hnet.parameters(), reference.hnet.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert fresh.rng.integers(1000) == reference.rng.integers(1000)
+    assert fresh.schedule.rng.integers(1000) == reference.schedule.rng.integers(1000)
 
 
 def test_a_round_without_updates_writes_no_checkpoint_and_enough_in_a_row_stop_the_run(
@@ -268,7 +268,7 @@ def test_a_round_without_updates_writes_no_checkpoint_and_enough_in_a_row_stop_t
 
     def play(server_round, updated):
         # what aggregate_fit leaves for end_round: the metrics of the clients that updated
-        strategy._round_log["clients"] = [{"train_loss": 1.0, "steps": 3}] if updated else []
+        strategy.log.exchange(0.0, 0, 0, [{"train_loss": 1.0, "steps": 3}] if updated else [])
         strategy.end_round(server_round)
         return checkpoint.load(tmp_path, settings)["round"]
 

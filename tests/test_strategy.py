@@ -9,11 +9,11 @@ from flwr.server.client_proxy import ClientProxy
 
 from pFedHN.core import PFedHNCore
 from pFedHN.models import CNNHyper, CNNTarget, MHHyper, parameter_shapes
+from pFedHN.schedule import evaluation_rounds
 from pFedHN.strategy import (
     NO_PARAMETERS,
     FederationTooSmallError,
     PFedHNStrategy,
-    evaluation_rounds,
     pooled_metrics,
 )
 from tests.conftest import tiny_settings
