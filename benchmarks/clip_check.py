@@ -135,13 +135,13 @@ def main() -> None:
     data = federated_data(data_spec(settings), settings.dataset.root, settings.split)
     figures: dict = {"run": args.run_dir.name, "checkpoint_round": saved["round"]}
     if settings.variant.global_model:
-        sizes = [strategy.client_sizes[i] for i in range(settings.partitions)]
+        sizes = [strategy.core.client_sizes[i] for i in range(settings.partitions)]
         initial = build_multihead_hypernetwork(settings, sizes)  # as the run began
         figures["global_phase"] = {
             "round 0": global_phase(settings, initial, strategy.global_id, data, clients),
-            f"round {saved['round']}": global_phase(settings, strategy.hnet, strategy.global_id,
+            f"round {saved['round']}": global_phase(settings, strategy.core.hnet, strategy.global_id,
                                                     data, clients)}
-    figures["novel_phase"] = novel_phase(settings, strategy.hnet, data, clients)
+    figures["novel_phase"] = novel_phase(settings, strategy.core.hnet, data, clients)
     for part in ("global_phase", "novel_phase"):
         for when, found in figures.get(part, {}).items():
             print(f"{part}, {when}: " + ", ".join(

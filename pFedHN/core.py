@@ -50,8 +50,11 @@ class PFedHNCore:
     """
 
     def __init__(self, hnet: CNNHyper | MHHyper, server: ServerSettings,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu",
+                 client_sizes: dict[int, int] | None = None) -> None:
         self.device = torch.device(device)
+        # MH-pFedHN: the parameter counts the clients reported, which hnet generates.
+        self.client_sizes = dict(client_sizes or {})
         self.hnet = hnet.to(self.device)
         self.clip_norm = server.clip_norm
         self.fused_adam = server.fused_adam
@@ -158,7 +161,27 @@ class PFedHNCore:
                 "optimizer_state_bytes": nbytes(t for state in self.optimizer.state.values()
                                                 for t in state.values())}
 
+    def check_sizes(self, reported: dict[int, int]) -> None:
+        """Refuse clients whose parameter counts are not those generated for them."""
+        changed = {i: (self.client_sizes[i], k) for i, k in reported.items()
+                   if self.client_sizes.get(i, k) != k}
+        if changed:
+            raise RuntimeError("clients report other parameter counts than the hypernetwork "
+                               f"generates (partition: (generated, reported)): {changed}")
+
     # --- state ---------------------------------------------------------------------
+    def model_state(self) -> dict[str, Any]:
+        """What generates every client's weights: phi (and MH-pFedHN's sizes)."""
+        return {"client_sizes": self.client_sizes, "hnet": self.hnet.state_dict()}
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        """Phi as a ``model_state`` (or a whole ``state``) has it."""
+        self.hnet.load_state_dict(state["hnet"])
+
+    def state(self) -> dict[str, Any]:
+        """Phi and the outer optimizer's state, for a checkpoint."""
+        return self.model_state() | {"optimizer": self.optimizer_state()}
+
     def optimizer_state(self) -> dict[str, Any]:
         """The outer optimizer's state, for a checkpoint."""
         return self.optimizer.state_dict()

@@ -138,7 +138,7 @@ class Experiment:
 def server_memory(strategy: PFedHNStrategy) -> dict[str, int]:
     """The hypernetwork and optimizer state, and this process's peak so far."""
     # ru_maxrss is in KiB on Linux: the peak of this process (server and Ray driver).
-    return strategy.memory_bytes() | {
+    return ({} if strategy.core is None else strategy.core.memory_bytes()) | {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -189,7 +189,8 @@ def start_experiment(settings: Settings, run_dir: str | Path, split: dict | None
             # A new best-validation round: keep what generates its models (pFedHN.export).
             kept = None if mirror is None else {
                 i: kept_state(mirror, i, server_round) for i in range(settings.num_clients)}
-            checkpoint.save_best(run_dir, settings, server_round, strategy.model_state(), kept)
+            checkpoint.save_best(run_dir, settings, server_round, strategy.core.model_state(),
+                                 kept)
 
     configure_torch(settings.deterministic)  # the server's process; clients do their own
     strategy = build_strategy(settings, on_fit=on_fit, on_evaluate=on_evaluate)
@@ -379,7 +380,7 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
 
     strategy.on_fit = novel_checkpointer(settings, strategy, run_dir, evaluations, stop,
                                          saved["round"] if saved else None)
-    strategy.on_evaluate = on_evaluate
+    strategy.evaluation.on_evaluate = on_evaluate
     log.info("novel clients %d-%d: %d rounds of embedding training",
              novel_ids[0], novel_ids[-1], novel.rounds)
     simulate(settings, lambda context: server_components(strategy, novel.rounds), state_dir)

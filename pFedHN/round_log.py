@@ -99,11 +99,24 @@ class RoundLog:
         return {"clients": [], "server-time-s": 0.0, "rejected": [], "retried": [],
                 "bytes-sent": 0, "bytes-received": 0}
 
-    def retried(self, server_round: int, partition_id: int, reason: str) -> None:
-        """A failed visit, sent again."""
-        log.warning("round %d: client %d failed (%s); sending its visit again",
-                    server_round, partition_id, reason)
-        self.record["retried"].append({"partition_id": partition_id, "reason": reason})
+    def retry(self, server_round: int, instructions: list[tuple[ClientProxy, Any]],
+              results: list[tuple[ClientProxy, FitRes]],
+              failures: list[tuple[ClientProxy, FitRes] | BaseException],
+              partition_of: dict[str, int]) -> list[tuple[ClientProxy, Any]]:
+        """The visits that brought no result: logged, counted, to send again.
+
+        The same instructions: phi has not moved since, and a client seeds its
+        training by round, so a retried visit is the visit it replaces.
+        """
+        answered = {proxy.cid for proxy, _ in results}
+        retry = [(proxy, ins) for proxy, ins in instructions if proxy.cid not in answered]
+        reason_of = failure_reasons(failures)
+        for proxy, _ in retry:
+            partition_id, reason = partition_of[proxy.cid], reason_of(proxy)
+            log.warning("round %d: client %d failed (%s); sending its visit again",
+                        server_round, partition_id, reason)
+            self.record["retried"].append({"partition_id": partition_id, "reason": reason})
+        return retry
 
     def lost(self, server_round: int, lost: list[dict[str, Any]], where: str = "") -> None:
         """Visits that brought no usable update: the round fails, unless that is accepted."""

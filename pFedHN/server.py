@@ -113,7 +113,8 @@ def build_strategy(settings: Settings, **callbacks: Callable) -> PFedHNStrategy:
     device = resolve_device(settings.device)
     if settings.variant.multi_head:
         return PFedHNStrategy(settings, make_core=lambda sizes: PFedHNCore(
-            build_multihead_hypernetwork(settings, sizes), settings.server, device), **callbacks)
+            build_multihead_hypernetwork(settings, sizes), settings.server, device,
+            dict(enumerate(sizes))), **callbacks)
     core = PFedHNCore(build_hypernetwork(settings), settings.server, device)
     return PFedHNStrategy(settings, core, **callbacks)
 

@@ -31,7 +31,6 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from pFedHN.core import PFedHNCore
-from pFedHN.models import CNNHyper, MHHyper
 from pFedHN.nodes import FederationTooSmallError, Nodes
 from pFedHN.round_log import FailurePolicy, RoundLog, RoundsFailingError, failure_reasons
 from pFedHN.schedule import Schedule
@@ -42,6 +41,10 @@ __all__ = ["FederationTooSmallError", "PFedHNStrategy", "RoundsFailingError"]
 log = logging.getLogger(__name__)
 
 NO_PARAMETERS = Parameters(tensors=[], tensor_type="numpy.ndarray")
+# What the run does with a finished round (its round, its updated clients' metrics, the
+# rest of its record) and with an evaluation (round, pooled and per-client figures).
+OnFit = Callable[[int, list[dict], dict[str, Any]], None]
+OnEvaluate = Callable[[int, dict[str, float], dict[int, dict]], None]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,38 @@ def payload_bytes(parameters: Parameters) -> int:
     return sum(len(tensor) for tensor in parameters.tensors)
 
 
+def sort_replies(
+    partitions: tuple[int, ...],
+    results: list[tuple[ClientProxy, FitRes]],
+    failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    nodes: Nodes,
+    check: Callable[[list[np.ndarray], int], str | None],
+) -> tuple[list, dict[int, tuple[list[np.ndarray], int]], list[dict[str, Any]]]:
+    """An exchange's replies: sorted, the usable deltas by partition, and the lost visits.
+
+    In the exchange's (sampled) order, not the order replies came in: a step's
+    sums then add up the same way in every run. A lost visit: a delta that
+    ``check`` refuses ("rejected"), or no reply at all ("failed").
+    """
+    order = {partition_id: k for k, partition_id in enumerate(partitions)}
+    results = sorted(results, key=lambda result: order[nodes.partition_of[result[0].cid]])
+    accepted: dict[int, tuple[list[np.ndarray], int]] = {}
+    lost: list[dict[str, Any]] = []
+    for proxy, res in results:
+        partition_id = nodes.partition_of[proxy.cid]
+        delta_theta = parameters_to_ndarrays(res.parameters)
+        problem = check(delta_theta, partition_id)
+        if problem is None:
+            accepted[partition_id] = (delta_theta, res.num_examples)
+        else:
+            lost.append({"partition_id": partition_id, "reason": problem, "kind": "rejected"})
+    answered = set(accepted) | {r["partition_id"] for r in lost}
+    reason_of = failure_reasons(failures)
+    lost += [{"partition_id": i, "reason": reason_of(nodes.node_of[i]), "kind": "failed"}
+             for i in partitions if i not in answered]
+    return results, accepted, lost
+
+
 def per_client_accuracy(results: list[tuple[ClientProxy, EvaluateRes]],
                         num_parameters: Callable[[int], int]) -> dict[int, dict[str, Any]]:
     """Each evaluated client's accuracies, test samples and network size, by partition."""
@@ -95,41 +130,65 @@ def per_client_accuracy(results: list[tuple[ClientProxy, EvaluateRes]],
     return per_client
 
 
+class Evaluation:
+    """Every client evaluates its own generated model; accuracy and loss are pooled."""
+
+    def __init__(self, on_evaluate: OnEvaluate | None = None) -> None:
+        self.on_evaluate = on_evaluate  # called with the pooled and the per-client figures
+        self._sent = (0.0, 0)  # when the instructions went out, and their bytes
+
+    def instructions(self, server_round: int, clients: list[int], core: PFedHNCore,
+                     nodes: Nodes) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Each client's generated theta, batched where the hypernetwork can."""
+        start = time.perf_counter()
+        config: dict[str, Scalar] = {"server-round": server_round}
+        instructions = [(nodes.node_of[i], EvaluateIns(ndarrays_to_parameters(theta), config))
+                        for i, theta in zip(clients, core.generate_many(clients), strict=True)]
+        self._sent = (start, sum(payload_bytes(ins.parameters) for _, ins in instructions))
+        return instructions
+
+    def pool(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+             failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+             num_parameters: Callable[[int], int]) -> tuple[float | None, dict[str, Scalar]]:
+        """Pooled metrics (sum correct / sum samples) and the per-client spread."""
+        for failure in failures:
+            log.warning("round %d: a client failed evaluation: %r", server_round, failure)
+        if not results:
+            return None, {}
+        metrics = pooled_metrics([r.metrics for _, r in results]) | {
+            "clients_evaluated": len(results),
+            "evaluation_time_s": time.perf_counter() - self._sent[0],
+            "bytes_sent": self._sent[1]}  # the clients answer with metrics only
+        if self.on_evaluate is not None:
+            self.on_evaluate(server_round, metrics, per_client_accuracy(results, num_parameters))
+        return metrics["val_loss"], metrics
+
+
 class PFedHNStrategy(Strategy):
     """Each round: theta_i = h(v_i; phi) to each sampled client, then a step on their deltas.
 
-    ``core``: phi and its optimizer. MH-pFedHN: None until the clients have
-    reported their parameter counts; ``make_core`` then builds it from them.
-    MH-pFedHNGD: the hypernetwork's last client is a virtual one, the global
-    model (``global_id``), which every sampled client trains first each round.
+    ``core``: phi and its optimizer (MH-pFedHN: built by ``make_core`` once the
+    clients report their sizes). MH-pFedHNGD: ``global_id`` is the global model.
     """
 
     def __init__(self, settings: Settings, core: PFedHNCore | None = None,
                  make_core: Callable[[list[int]], PFedHNCore] | None = None,
-                 on_fit: Callable[[int, list[dict], dict[str, Any]], None] | None = None,
-                 on_evaluate: Callable[[int, dict[str, float], dict[int, dict]], None]
-                 | None = None) -> None:
+                 on_fit: OnFit | None = None, on_evaluate: OnEvaluate | None = None) -> None:
         super().__init__()
         server = settings.server
         self.core, self.make_core = core, make_core
-        self.client_sizes: dict[int, int] = {}  # parameter counts the clients reported
         self.nodes = Nodes(settings.partitions, server.node_timeout)
         self.global_id = settings.partitions if settings.variant.global_model else None
         self.schedule = Schedule(settings)  # who is visited when
         self.failures = FailurePolicy(server.visit_retries, server.accept_lost_visits,
                                       server.max_failed_rounds)
         self.log = RoundLog(self.failures)  # the round's record, reported once
-        self.on_fit, self.on_evaluate = on_fit, on_evaluate
+        self.on_fit = on_fit
+        self.evaluation = Evaluation(on_evaluate)
         self.exchange = Exchange("personal", ())  # the one under way (see ``round``)
         self._teacher: list[np.ndarray] = []  # MH-pFedHNGD: this round's pre-step global model
         self._sent = (0.0, 0)  # server seconds and bytes of the last configure_* call
 
-    @property
-    def hnet(self) -> CNNHyper | MHHyper | None:
-        """The hypernetwork, where ``core`` is built."""
-        return None if self.core is None else self.core.hnet
-
-    # --- one round, top to bottom ---------------------------------------------------
     def round(self, server_round: int) -> Iterator[Exchange]:
         """Sample the round's clients; yield its Flower exchanges in order; record it.
 
@@ -158,10 +217,8 @@ class PFedHNStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Send each client of the exchange under way its generated theta_i.
 
-        MH-pFedHNGD: the global phase sends the global model's theta; the
-        personal phase sends each client its own theta followed by that same
-        global theta, the teacher (generated before the global step, as the
-        authors do).
+        MH-pFedHNGD: the global phase sends the global model's theta; the personal
+        phase appends that same theta, the teacher, to each client's own.
         """
         self._discover_partitions(client_manager, server_round)
         start = time.perf_counter()
@@ -188,35 +245,16 @@ class PFedHNStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Turn the exchange's delta_theta into one step of phi; log it for the round.
 
-        A client that failed, timed out or sent a delta_theta of the wrong shape
-        or with non-finite values is a lost visit: the round fails
-        (``RoundsFailingError``) unless lost visits are accepted; then phi is
-        stepped on the deltas that passed.
+        A lost visit (no reply, or a delta of the wrong shape or non-finite) fails
+        the round (``RoundLog.lost``), unless accepted: then the rest step phi.
         """
         server_round += self.schedule.start_round
         start = time.perf_counter()
         in_global_phase = self.exchange.phase == "global"
-        # In the exchange's (sampled) order, not the order replies came in: the
-        # step's sums then add up the same way in every run.
-        order = {partition_id: k for k, partition_id in enumerate(self.exchange.partitions)}
-        partition_of = self.nodes.partition_of
-        results = sorted(results, key=lambda result: order[partition_of[result[0].cid]])
-        accepted: dict[int, tuple[list[np.ndarray], int]] = {}
-        rejected: list[dict[str, Any]] = []
-        for proxy, res in results:
-            partition_id = partition_of[proxy.cid]
-            delta_theta = parameters_to_ndarrays(res.parameters)
-            problem = self.core.check_delta(
-                delta_theta, self.global_id if in_global_phase else partition_id)
-            if problem is None:
-                accepted[partition_id] = (delta_theta, res.num_examples)
-            else:
-                rejected.append({"partition_id": partition_id, "reason": problem,
-                                 "kind": "rejected"})
-        answered = set(accepted) | {r["partition_id"] for r in rejected}
-        reason_of = failure_reasons(failures)
-        rejected += [{"partition_id": i, "reason": reason_of(self.nodes.node_of[i]),
-                      "kind": "failed"} for i in self.exchange.partitions if i not in answered]
+        results, accepted, rejected = sort_replies(
+            self.exchange.partitions, results, failures, self.nodes,
+            lambda delta_theta, i: self.core.check_delta(
+                delta_theta, self.global_id if in_global_phase else i))
         self.log.lost(server_round, rejected, " of the global phase" if in_global_phase else "")
         if accepted:
             self.schedule.last_round = None  # from here on, phi is no completed round's
@@ -228,7 +266,8 @@ class PFedHNStrategy(Strategy):
         self.log.exchange(self._sent[0] + time.perf_counter() - start, self._sent[1],
                           sum(payload_bytes(r.parameters) for _, r in results),
                           None if in_global_phase else
-                          [r.metrics for p, r in results if partition_of[p.cid] in accepted])
+                          [r.metrics for p, r in results
+                           if self.nodes.partition_of[p.cid] in accepted])
         return NO_PARAMETERS, {}
 
     def end_round(self, server_round: int) -> None:
@@ -240,27 +279,14 @@ class PFedHNStrategy(Strategy):
             self.on_fit(server_round, clients, record)
         self.log.count(server_round, clients, record)
 
-    def visits_to_retry(
-        self,
-        server_round: int,
-        instructions: list[tuple[ClientProxy, FitIns]],
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> list[tuple[ClientProxy, FitIns]]:
-        """The exchange's visits that brought no result: logged, counted, to send again.
+    def visits_to_retry(self, server_round: int, instructions: list[tuple[ClientProxy, FitIns]],
+                        results: list[tuple[ClientProxy, FitRes]],
+                        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+                        ) -> list[tuple[ClientProxy, FitIns]]:
+        """The exchange's visits that brought no result, to send again (``RoundLog.retry``)."""
+        return self.log.retry(server_round + self.schedule.start_round, instructions, results,
+                              failures, self.nodes.partition_of)
 
-        The same instructions: phi has not moved since, and a client seeds its
-        training by round, so a retried visit is the visit it replaces.
-        """
-        answered = {proxy.cid for proxy, _ in results}
-        retry = [(proxy, ins) for proxy, ins in instructions if proxy.cid not in answered]
-        reason_of = failure_reasons(failures)
-        for proxy, _ in retry:
-            self.log.retried(server_round + self.schedule.start_round,
-                             self.nodes.partition_of[proxy.cid], reason_of(proxy))
-        return retry
-
-    # --- evaluation ----------------------------------------------------------------
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -268,15 +294,8 @@ class PFedHNStrategy(Strategy):
         if not self.schedule.evaluates(server_round):
             return []
         self._discover_partitions(client_manager, server_round)
-        start = time.perf_counter()
-        config: dict[str, Scalar] = {"server-round": server_round + self.schedule.start_round}
-        instructions = [
-            (self.nodes.node_of[i], EvaluateIns(ndarrays_to_parameters(theta), config))
-            for i, theta in zip(self.schedule.clients,
-                                self.core.generate_many(self.schedule.clients), strict=True)
-        ]
-        self._sent = (start, sum(payload_bytes(ins.parameters) for _, ins in instructions))
-        return instructions
+        return self.evaluation.instructions(server_round + self.schedule.start_round,
+                                            self.schedule.clients, self.core, self.nodes)
 
     def aggregate_evaluate(
         self,
@@ -285,19 +304,8 @@ class PFedHNStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Pool accuracy and loss over clients; report the per-client spread."""
-        server_round += self.schedule.start_round
-        for failure in failures:
-            log.warning("round %d: a client failed evaluation: %r", server_round, failure)
-        if not results:
-            return None, {}
-        metrics = pooled_metrics([r.metrics for _, r in results]) | {
-            "clients_evaluated": len(results),
-            "evaluation_time_s": time.perf_counter() - self._sent[0],
-            "bytes_sent": self._sent[1]}  # the clients answer with metrics only
-        if self.on_evaluate is not None:
-            self.on_evaluate(server_round, metrics,
-                             per_client_accuracy(results, self.core.num_parameters))
-        return metrics["val_loss"], metrics
+        return self.evaluation.pool(server_round + self.schedule.start_round, results,
+                                    failures, self.core.num_parameters)
 
     def evaluate(
         self, server_round: int, parameters: Parameters
@@ -315,46 +323,27 @@ class PFedHNStrategy(Strategy):
         if not sizes or self.make_core is None:
             return
         if self.core is None:  # MH-pFedHN: now the sizes to generate are known
-            self.client_sizes = sizes
             self.core = self.make_core([sizes[i] for i in range(self.nodes.partitions)])
-        changed = {i: (self.client_sizes[i], k) for i, k in sizes.items()
-                   if self.client_sizes[i] != k}
-        if changed:
-            raise RuntimeError("clients report other parameter counts than the hypernetwork "
-                               f"generates (partition: (generated, reported)): {changed}")
+        self.core.check_sizes(sizes)
 
-    # --- novel clients, and state --------------------------------------------------
     def learn_embeddings_only(self, partition_ids: Sequence[int], novel: NovelSettings,
                               momentum: float) -> None:
-        """Novel clients: from now on only they are sampled, evaluated, and trained.
-
-        Only their embeddings learn (``PFedHNCore.learn_embeddings_only``); no global phase.
-        """
+        """Novel clients: from now on only they are sampled, evaluated and trained (embeddings)."""
         self.core.learn_embeddings_only(self.schedule.clients, partition_ids, novel, momentum)
         self.schedule.novel_phase(partition_ids, novel)
         self.global_id = None
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Phi's and its optimizer's bytes; none before MH-pFedHN's clients report sizes."""
-        return {} if self.core is None else self.core.memory_bytes()
-
-    def model_state(self) -> dict[str, Any]:
-        """What generates every client's weights: phi (and MH-pFedHN's sizes)."""
-        return {"client_sizes": self.client_sizes, "hnet": self.core.hnet.state_dict()}
-
     def load_model_state(self, state: dict[str, Any]) -> None:
-        """Generate from a saved ``model_state`` (or a whole ``state_dict``)."""
+        """Generate from a saved ``PFedHNCore.model_state`` (or a whole ``state_dict``)."""
         if self.core is None:  # MH-pFedHN: rebuilt from the sizes the clients reported
-            self.client_sizes = dict(state["client_sizes"])
-            self.core = self.make_core([self.client_sizes[i]
-                                        for i in range(self.nodes.partitions)])
-        self.core.hnet.load_state_dict(state["hnet"])
+            sizes = state["client_sizes"]
+            self.core = self.make_core([sizes[i] for i in range(self.nodes.partitions)])
+        self.core.load_model_state(state)
 
     def state_dict(self, server_round: int) -> dict[str, Any]:
         """Everything needed to continue after ``server_round`` (a true round number)."""
-        return self.model_state() | {"round": server_round,
-                                     "optimizer": self.core.optimizer_state(),
-                                     "rng": self.schedule.rng.bit_generator.state}
+        return self.core.state() | {"round": server_round,
+                                    "rng": self.schedule.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: Flower's round r becomes round start_round + r."""
@@ -363,11 +352,10 @@ class PFedHNStrategy(Strategy):
         self.schedule.resume(int(state["round"]), state["rng"])
 
     def state_at_last_round(self) -> tuple[int, dict[str, Any]] | None:
-        """The last completed round and ``state_dict`` there, while the state is still that.
+        """The last completed round and ``state_dict`` there, while phi is still that.
 
-        For a process that Flower ends between two steps (``flwr stop``): until the
-        round in flight first steps phi, only its sampling has moved on, and that
-        is put back. None once it has stepped (a sequential round).
+        For ``flwr stop``: the sampler of the round in flight is put back; None
+        once that round has stepped phi (a sequential round).
         """
         if self.schedule.last_round is None or self.core is None:
             return None

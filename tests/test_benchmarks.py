@@ -57,7 +57,6 @@ def mh_run_dir(run_dir, overrides):
     if settings.variant.multi_head:  # the sizes its clients would report
         sizes = [sum(p.numel() for p in make_client_model(name, 1, 10, 28).parameters())
                  for name in client_architectures(settings)]
-        strategy.client_sizes = dict(enumerate(sizes))
         strategy.core = strategy.make_core(sizes)
     checkpoint.save(run_dir, settings, 1, strategy=strategy.state_dict(1), recorder={})
     return settings

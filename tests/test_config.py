@@ -199,7 +199,7 @@ def test_a_server_without_the_images_builds_its_hypernetwork_from_the_config(
     size = server_cfg.dataset.image_size if "dataset.data=folder" in overrides else 32
     if strategy.make_core is None:
         target = make_target(**target_kwargs(server_cfg))
-        assert strategy.hnet.shapes(0) == parameter_shapes(target)
+        assert strategy.core.hnet.shapes(0) == parameter_shapes(target)
         assert target_kwargs(server_cfg)["input_size"] == size
     else:  # MH-pFedHNGD: the global model's size, from its architecture and the config
         global_model = make_client_model("mh-cnn", 3, 10, size)

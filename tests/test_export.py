@@ -155,17 +155,17 @@ def test_export_keeps_the_best_rounds_state_and_prunes_what_no_resume_needs(tmp_
 
     def evaluate(server_round, val_acc):
         metrics = {k: 0.5 for k in ("test_acc", "val_loss", "test_acc_min", "test_acc_max")}
-        strategy.on_evaluate(server_round, metrics | {"val_acc": val_acc}, {})
+        strategy.evaluation.on_evaluate(server_round, metrics | {"val_acc": val_acc}, {})
 
     def hnet_at(server_round):
         return checkpoint.load_best(tmp_path, settings, server_round)["model"]["hnet"]
 
     evaluate(0, 0.1)
-    for parameter in strategy.hnet.parameters():
+    for parameter in strategy.core.hnet.parameters():
         parameter.data += 1.0  # training moved the hypernetwork
     evaluate(2, 0.3)
-    snapshot = {k: v.clone() for k, v in strategy.hnet.state_dict().items()}
-    for parameter in strategy.hnet.parameters():
+    snapshot = {k: v.clone() for k, v in strategy.core.hnet.state_dict().items()}
+    for parameter in strategy.core.hnet.parameters():
         parameter.data += 1.0
     evaluate(4, 0.3)  # a tie: the first round stays the best
     evaluate(6, 0.2)

@@ -76,10 +76,10 @@ def test_failing_clients_are_logged_counted_and_never_update_the_hypernetwork(tm
 
     def on_fit(server_round, client_metrics, server_metrics):
         recorder.on_fit(server_round, client_metrics, server_metrics)
-        after_round[server_round] = fingerprint(strategy.hnet)
+        after_round[server_round] = fingerprint(strategy.core.hnet)
 
     strategy = build_strategy(cfg, on_fit=on_fit, on_evaluate=recorder.on_evaluate)
-    before = fingerprint(strategy.hnet)
+    before = fingerprint(strategy.core.hnet)
     build_client = client_builder(cfg)
     run_simulation(
         server_app=make_server_app(strategy, cfg.num_rounds, round_timeout=TIMEOUT_S),
@@ -152,7 +152,7 @@ def test_a_visit_that_failed_once_is_sent_again_and_the_run_is_an_unbroken_ones(
             num_supernodes=cfg.num_clients,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
-        runs[name] = (fingerprint(strategy.hnet), recorder.close())
+        runs[name] = (fingerprint(strategy.core.hnet), recorder.close())
     (flaky, results), (unbroken, unbroken_results) = runs["flaky"], runs["unbroken"]
     assert flaky == unbroken
     assert [r["round"] for r in results["retried_visits"]] == [2, 3]

@@ -214,7 +214,7 @@ def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
     assert strategy.global_id == 2
     strategy.nodes.know(object(), {0: _Proxy("a"), 1: _Proxy("b")})
     assert next(strategy.round(1)).phase == "global"
-    reference = copy.deepcopy(strategy.hnet)
+    reference = copy.deepcopy(strategy.core.hnet)
     rng = np.random.default_rng(0)
     deltas = [rng.standard_normal(700).astype(np.float32) for _ in range(2)]
     examples = [30, 90]
@@ -226,18 +226,18 @@ def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
     weighted = (30 * deltas[0].astype(np.float64) + 90 * deltas[1]) / 120
     reference_step(reference, [2], [[torch.from_numpy(weighted.astype(np.float32))]],
                    [None] * len(list(reference.parameters())))
-    for ours, ref in zip(strategy.hnet.parameters(), reference.parameters(), strict=True):
+    for ours, ref in zip(strategy.core.hnet.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
     assert recorded == []  # the round is recorded once, after the personal phase
     # a client sending a delta of its own model's size in the global phase is refused,
     # and so is the round (a redo would give the same delta): the hypernetwork stays
-    before = copy.deepcopy(strategy.hnet.state_dict())
+    before = copy.deepcopy(strategy.core.hnet.state_dict())
     own_size = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(1000, np.float32)]),
                       30, {})
     with pytest.raises(RoundsFailingError, match=r"clients \[0\] \(theta has shape") as error:
         strategy.aggregate_fit(2, [(_Proxy("a"), own_size), results[1]], [])
     assert not error.value.redo  # client 0's delta would come back the same
-    assert all(torch.equal(v, before[k]) for k, v in strategy.hnet.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in strategy.core.hnet.state_dict().items())
 
 
 @pytest.mark.simulation
@@ -335,15 +335,15 @@ def test_a_checkpoint_rebuilds_the_hypernetwork_from_the_reported_sizes():
 
     settings = mh_settings()
     strategy, resumed = (PFedHNStrategy(settings, make_core=lambda sizes: PFedHNCore(
-        make(sizes), settings.server)) for _ in range(2))
-    assert strategy.hnet is None  # nothing to build before the clients report
+        make(sizes), settings.server, client_sizes=dict(enumerate(sizes)))) for _ in range(2))
+    assert strategy.core is None  # nothing to build before the clients report
     strategy.load_model_state({"client_sizes": {0: 1000, 1: 3000},
                                "hnet": make([1000, 3000]).state_dict()})
     strategy.core.update([1], [[np.ones(3000, np.float32)]])
     state = strategy.state_dict(7)
     resumed.load_state_dict(state)
-    assert resumed.hnet.sizes == [1000, 3000] and resumed.schedule.start_round == 7
-    for ours, saved in zip(resumed.hnet.state_dict().values(), state["hnet"].values(),
+    assert resumed.core.hnet.sizes == [1000, 3000] and resumed.schedule.start_round == 7
+    for ours, saved in zip(resumed.core.hnet.state_dict().values(), state["hnet"].values(),
                            strict=True):
         assert torch.equal(ours, saved)
     assert resumed.core.optimizer_state()["state"].keys() == \
@@ -425,7 +425,7 @@ def test_sequential_round_equals_single_client_steps_in_order_by_plain_torch():
                 p.grad = None if g is None else g * min(1.0, CLIP / (float(norm) + 1e-6))
             adam.step()
             adam.zero_grad(set_to_none=True)
-    for ours, ref in zip(strategy.hnet.parameters(), reference.parameters(), strict=True):
+    for ours, ref in zip(strategy.core.hnet.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
 
 

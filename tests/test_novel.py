@@ -33,15 +33,15 @@ def test_embedding_training_moves_only_the_novel_embeddings():
                              "novel.lr=0.1")
     strategy = PFedHNStrategy(settings, PFedHNCore(hnet, settings.server))
     assert strategy.schedule.clients == [0, 1, 2, 3]
-    frozen = copy.deepcopy(strategy.hnet.state_dict())
+    frozen = copy.deepcopy(strategy.core.hnet.state_dict())
     strategy.learn_embeddings_only([4, 5], settings.novel, momentum=0.9)
     assert strategy.schedule.clients == [4, 5] and strategy.schedule.eval_rounds == {0, 3}
     rng = np.random.default_rng(0)
     for i in (4, 5, 4):
         delta = [rng.standard_normal(t.shape).astype(np.float32)
-                 for t in strategy.hnet(i).values()]
+                 for t in strategy.core.hnet(i).values()]
         strategy.core.update([i], [delta])
-    after = strategy.hnet.state_dict()
+    after = strategy.core.hnet.state_dict()
     for name, before in frozen.items():
         if name != "embeddings.weight":
             assert torch.equal(after[name], before), name  # bit for bit
@@ -114,9 +114,9 @@ def test_novel_clients_improve_and_leave_the_hypernetwork_as_trained(tmp_path):
     cfg = prepare(compose_config(overrides + [f"novel.from_run={tmp_path / 'train'}",
                                               "novel.rounds=4"]))
     strategy = trained_strategy(cfg)
-    as_trained = copy.deepcopy(strategy.hnet.state_dict())
+    as_trained = copy.deepcopy(strategy.core.hnet.state_dict())
     again = run_novel(cfg, strategy, tmp_path / "again", {})
-    for name, weights in strategy.hnet.state_dict().items():
+    for name, weights in strategy.core.hnet.state_dict().items():
         if name == "embeddings.weight":
             assert torch.equal(weights[:6], as_trained[name][:6])
             assert not torch.equal(weights[6:], as_trained[name][6:])
@@ -212,7 +212,7 @@ def test_novel_phase_with_adam_steps_only_the_novel_embedding_as_plain_torch_ada
     rng = np.random.default_rng(1)
     for i in (5, 4, 5):
         delta = [rng.standard_normal(t.shape).astype(np.float32)
-                 for t in strategy.hnet(i).values()]
+                 for t in strategy.core.hnet(i).values()]
         strategy.core.update([i], [delta])
         # By hand: grad of <theta_i(v), delta> w.r.t. the embedding table, clipped, Adam.
         objective = sum((t * torch.from_numpy(d)).sum()
@@ -222,9 +222,9 @@ def test_novel_phase_with_adam_steps_only_the_novel_embedding_as_plain_torch_ada
         reference.embeddings.weight.grad = grad * min(1.0, 50.0 / (norm + 1e-6))
         adam.step()
         adam.zero_grad()
-    assert torch.allclose(strategy.hnet.embeddings.weight, reference.embeddings.weight,
+    assert torch.allclose(strategy.core.hnet.embeddings.weight, reference.embeddings.weight,
                           atol=1e-7, rtol=0)
-    for name, weights in strategy.hnet.state_dict().items():
+    for name, weights in strategy.core.hnet.state_dict().items():
         if name != "embeddings.weight":
             assert torch.equal(weights, reference.state_dict()[name]), name
 

@@ -255,7 +255,7 @@ def test_strategy_state_round_trips(saved_run):
     fresh.load_state_dict(checkpoint.load(run_dir, cfg)["strategy"])
     assert fresh.schedule.start_round == 10
     reference = build_strategy(cfg)
-    for a, b in zip(fresh.hnet.parameters(), reference.hnet.parameters(), strict=True):
+    for a, b in zip(fresh.core.hnet.parameters(), reference.core.hnet.parameters(), strict=True):
         assert torch.equal(a, b)
     assert fresh.schedule.rng.integers(1000) == reference.schedule.rng.integers(1000)
 

@@ -102,7 +102,7 @@ def test_failed_visits_are_retried_and_the_rounds_equal_an_unbroken_run(kind):
     for server_round in (1, 2, 3):
         server.fit_round(server_round, None)
         unbroken_server.fit_round(server_round, None)
-    for ours, reference in zip(strategy.hnet.parameters(), unbroken.hnet.parameters(),
+    for ours, reference in zip(strategy.core.hnet.parameters(), unbroken.hnet.parameters(),
                                strict=True):
         assert torch.equal(ours, reference)
     assert steps == unbroken_steps  # the same steps, on the same clients, in the same order
@@ -147,7 +147,7 @@ def test_accepted_lost_visits_leave_the_round_with_the_others_and_are_counted():
     flaky = proxies(c2={"fail": always})
     server, strategy, records, steps = make_server(
         "mh-sequential", flaky, "server.visit_retries=1", "server.accept_lost_visits=true")
-    reference = copy.deepcopy(strategy.hnet)
+    reference = copy.deepcopy(strategy.core.hnet)
     for server_round in (1, 2, 3):
         server.fit_round(server_round, None)
     assert [(r, n) for r, n, _ in records] == [(r, NUM_CLIENTS - 1) for r in (1, 2, 3)]
@@ -156,4 +156,4 @@ def test_accepted_lost_visits_leave_the_round_with_the_others_and_are_counted():
     assert lost == [(r, 2, "failed") for r in (1, 2, 3)]
     assert len(flaky[2].visits) == 3 * 2  # each round: the visit and one retry
     # Client 2's embedding and head never got a gradient: unchanged.
-    assert torch.equal(strategy.hnet.embeddings[2], reference.embeddings[2])
+    assert torch.equal(strategy.core.hnet.embeddings[2], reference.embeddings[2])

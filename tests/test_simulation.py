@@ -81,7 +81,7 @@ def test_main_end_to_end_learns_writes_its_outputs_and_exports_its_models(tmp_pa
     assert traffic["training_received_bytes"] == traffic["training_sent_bytes"] == 60 * theta_bytes
     assert traffic["evaluation_sent_bytes"] == 4 * 5 * theta_bytes  # 4 evaluations, 5 clients
     # Server memory: float32 hypernetwork, one SGD momentum buffer per parameter.
-    hnet_bytes = 4 * sum(p.numel() for p in strategy.hnet.parameters())
+    hnet_bytes = 4 * sum(p.numel() for p in strategy.core.hnet.parameters())
     memory = results["server_memory"]
     assert memory["hypernetwork_bytes"] == memory["optimizer_state_bytes"] == hnet_bytes
     assert memory["peak_rss_bytes"] > hnet_bytes
