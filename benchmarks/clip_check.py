@@ -139,8 +139,8 @@ def main() -> None:
         initial = build_multihead_hypernetwork(settings, sizes)  # as the run began
         figures["global_phase"] = {
             "round 0": global_phase(settings, initial, strategy.global_id, data, clients),
-            f"round {saved['round']}": global_phase(settings, strategy.core.hnet, strategy.global_id,
-                                                    data, clients)}
+            f"round {saved['round']}": global_phase(settings, strategy.core.hnet,
+                                                    strategy.global_id, data, clients)}
     figures["novel_phase"] = novel_phase(settings, strategy.core.hnet, data, clients)
     for part in ("global_phase", "novel_phase"):
         for when, found in figures.get(part, {}).items():

@@ -43,7 +43,7 @@ import torch
 from flwr.app import RecordDict
 from omegaconf import open_dict
 
-from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
+from pFedHN.client import LocalStore, PFedHNClient, Training
 from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
@@ -125,12 +125,12 @@ def plain_rounds(settings: Settings, rounds: int,
     core = build_strategy(settings).core
     clients = federated_data(data_spec(settings), settings.dataset.root, settings.split,
                              device=settings.device)
-    loop = InnerLoop.from_settings(settings)
+    training = Training.from_settings(settings)
     states = [RecordDict() for _ in clients]
 
     def client(i: int) -> PFedHNClient:
-        return PFedHNClient(i, clients[i], make_target(**target_kwargs(settings)), loop,
-                            settings.seed, settings.model.out_dim, LocalStore(states[i]), device)
+        return PFedHNClient(i, clients[i], make_target(**target_kwargs(settings)), training,
+                            LocalStore(states[i]), device)
 
     rng = np.random.default_rng(settings.seed)
     times: dict[str, list[float]] = {"round": [], "client": [], "server": [], "evaluation": []}

@@ -308,6 +308,28 @@ def buffers_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in model.named_buffers()}
 
 
+@dataclass(frozen=True)
+class Training:
+    """How a client trains: its inner loop, the run's seed and classes, MH-pFedHN's ways.
+
+    ``flat``: MH-pFedHN, theta is one flat vector the client cuts into its
+    parameters. ``distillation``: MH-pFedHNGD's personal-phase loss.
+    """
+
+    loop: InnerLoop
+    seed: int
+    out_dim: int
+    flat: bool = False
+    distillation: Distillation = Distillation()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Training:
+        """The run's training recipe, the same on every client."""
+        return cls(InnerLoop.from_settings(settings), settings.seed, settings.model.out_dim,
+                   settings.variant.multi_head,
+                   Distillation(settings.client.distill_alpha, settings.client.distill_temperature))
+
+
 class PFedHNClient(NumPyClient):
     """Loads the theta_i the server generated, trains it, returns delta_theta.
 
@@ -326,14 +348,10 @@ class PFedHNClient(NumPyClient):
         partition_id: int,
         data: ClientData,
         model: nn.Module,
-        loop: InnerLoop,
-        seed: int,
-        out_dim: int,
+        training: Training,
         store: LocalStore | None = None,
         device: str | torch.device = "cpu",
-        flat: bool = False,
         global_model: nn.Module | None = None,
-        distillation: Distillation | None = None,
         own_model: OwnModel | None = None,
     ) -> None:
         self.partition_id = partition_id
@@ -341,13 +359,11 @@ class PFedHNClient(NumPyClient):
         self.device = torch.device(device)
         self.data = data.to(self.device)
         self.model = model.to(self.device)
-        self.loop = loop
-        self.seed = seed
-        self.out_dim = out_dim
+        self.loop, self.seed, self.out_dim = training.loop, training.seed, training.out_dim
         self.local = getattr(model, "local", False)
-        self.flat = flat
+        self.flat = training.flat
         self.global_model = None if global_model is None else global_model.to(self.device)
-        self.distillation = distillation or Distillation()
+        self.distillation = training.distillation
         models = [self.model] + ([self.global_model] if self.global_model else [])
         if store is None and (self.local or any(buffers_of(m) for m in models)):
             raise ValueError("this client keeps state between rounds: give it a LocalStore")
@@ -499,14 +515,12 @@ def client_builder(
     MH-pFedHN: a node's architecture is ``model.architectures``' entry for its
     partition, or its node config's ``architecture`` on a real device.
     """
-    loop = InnerLoop.from_settings(settings)
+    training = Training.from_settings(settings)
     threads = settings.simulation.num_threads or settings.simulation.num_cpus_per_client
     deterministic = settings.deterministic
     # Once here, not per round: for an image folder it reads the class folders.
     spec = data_spec(settings)
     variant = settings.variant
-    distillation = Distillation(settings.client.distill_alpha,
-                                settings.client.distill_temperature)
 
     def build_client(context: Context) -> PFedHNClient:
         configure_torch(deterministic, threads)
@@ -530,10 +544,9 @@ def client_builder(
         own_model = model_dir and OwnModel(Path(str(model_dir)).expanduser(), network,
                                            variant.name, settings.num_rounds)
         return PFedHNClient(
-            partition_id, data, network.build(), loop, settings.seed, settings.model.out_dim,
-            store, device, flat=variant.multi_head,
+            partition_id, data, network.build(), training, store, device,
             global_model=global_network(settings).build() if variant.global_model else None,
-            distillation=distillation, own_model=own_model or None,
+            own_model=own_model or None,
         )
 
     return build_client

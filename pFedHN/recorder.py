@@ -111,6 +111,27 @@ def training_check(
     return check | {"status": "ok"}
 
 
+def test_acc_by_network(per_client: dict[int, dict],
+                        network_names: dict[int, str]) -> dict[str, float]:
+    """Test accuracy pooled over the clients of each network size, where sizes differ.
+
+    Networks are told apart by size (``num_parameters``), the only thing the
+    server knows of them, and named by ``network_names``.
+    """
+    correct: dict[int, float] = {}
+    samples: dict[int, int] = {}
+    for client in per_client.values():
+        size = client.get("num_parameters")
+        if size is None:
+            return {}
+        correct[size] = correct.get(size, 0.0) + client["test_acc"] * client["test_n"]
+        samples[size] = samples.get(size, 0) + client["test_n"]
+    if len(samples) < 2:
+        return {}
+    return {network_names.get(size, f"{size:,} parameters"):
+            correct[size] / max(samples[size], 1) for size in sorted(samples)}
+
+
 class RunRecorder:
     """Receives the strategy's callbacks; keeps results.json and the plot current.
 
@@ -191,7 +212,7 @@ class RunRecorder:
         ``per_client``: each partition's accuracies, kept in the record as ``per_client``.
         """
         record = {"round": server_round, **metrics, "wall_time_s": self.wall_time_s()}
-        by_network = self.test_acc_by_network(per_client or {})
+        by_network = test_acc_by_network(per_client or {}, self.network_names)
         if by_network:
             record["test_acc_by_network"] = by_network
         if per_client:  # what an exported model of this round scores (pFedHN.export)
@@ -215,25 +236,6 @@ class RunRecorder:
         self.plot()
         # Evaluation time is not a training round's time.
         self._last_round_end = time.perf_counter()
-
-    def test_acc_by_network(self, per_client: dict[int, dict]) -> dict[str, float]:
-        """Test accuracy pooled over the clients of each network size, where sizes differ.
-
-        Networks are told apart by size (``num_parameters``), the only thing the
-        server knows of them, and named by ``network_names``.
-        """
-        correct: dict[int, float] = {}
-        samples: dict[int, int] = {}
-        for client in per_client.values():
-            size = client.get("num_parameters")
-            if size is None:
-                return {}
-            correct[size] = correct.get(size, 0.0) + client["test_acc"] * client["test_n"]
-            samples[size] = samples.get(size, 0) + client["test_n"]
-        if len(samples) < 2:
-            return {}
-        return {self.network_names.get(size, f"{size:,} parameters"):
-                correct[size] / max(samples[size], 1) for size in sorted(samples)}
 
     def state_dict(self) -> dict[str, Any]:
         """The history a resumed run continues from."""

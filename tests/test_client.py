@@ -4,7 +4,14 @@ import torch
 import torch.nn.functional as F
 from flwr.app import RecordDict
 
-from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, derive_seed, discard_state_after
+from pFedHN.client import (
+    InnerLoop,
+    LocalStore,
+    PFedHNClient,
+    Training,
+    derive_seed,
+    discard_state_after,
+)
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.models import CNNTarget
 from pFedHN.settings import SplitSettings
@@ -45,8 +52,8 @@ def make_client(partition_id=3, state=None, local=False, mirror=None, device="cp
                           SplitSettings(10, 2, 500, 0))[partition_id]
     model = CNNTarget(**KW, local=local)
     store = LocalStore(state if state is not None else RecordDict(), mirror, checkpoint_every=3)
-    client = PFedHNClient(partition_id, data, model, LOOP, seed=7, out_dim=10, store=store,
-                          device=device)
+    client = PFedHNClient(partition_id, data, model, Training(LOOP, seed=7, out_dim=10),
+                          store=store, device=device)
     return client, data
 
 

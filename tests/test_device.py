@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
+from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, Training
 from pFedHN.config import ConfigError, client_resources, load_settings
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.device import configure_torch, resolve_device
@@ -119,7 +119,7 @@ def fit_once(device, partition_id=1):
     model = CNNTarget(1, 7, 10, 28)
     arrays = [p.detach().numpy().copy() for p in model.parameters()]
     client = PFedHNClient(partition_id, data, CNNTarget(1, 7, 10, 28),
-                          InnerLoop(steps=20, batch_size=16), seed=3, out_dim=10,
+                          Training(InnerLoop(steps=20, batch_size=16), seed=3, out_dim=10),
                           store=LocalStore(RecordDict()), device=device)
     return client.fit(arrays, {"server-round": 4})[0]
 

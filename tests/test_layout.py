@@ -1,5 +1,6 @@
 """The package's layout: which parts load which (docs/extending.md draws it)."""
 
+import ast
 import subprocess
 import sys
 
@@ -20,3 +21,15 @@ def test_the_server_side_loads_no_data_code():
         assert not loaded & {"pFedHN.dataset", "pFedHN.config", "PIL", "torchvision", "hydra"}, \
             module
         assert "pFedHN.networks" in loaded or module == "pFedHN.strategy"
+
+
+def test_no_class_is_over_200_lines_and_no_init_takes_more_than_8_parameters():
+    """Rooms a reader takes in at once: larger parts are split by what they hold."""
+    for path in sorted((REPO / "pFedHN").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                assert node.end_lineno - node.lineno + 1 <= 200, f"{path.name}: {node.name}"
+            if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+                args = node.args
+                count = len(args.args) - 1 + len(args.kwonlyargs)
+                assert count <= 8, f"{path.name}:{node.lineno}: {count} parameters"

@@ -8,7 +8,7 @@ import torch
 from flwr.app import RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient
+from pFedHN.client import Distillation, InnerLoop, LocalStore, PFedHNClient, Training
 from pFedHN.config import ConfigError, load_settings
 from pFedHN.core import PFedHNCore
 from pFedHN.dataset import DATASETS, federated_data
@@ -108,8 +108,8 @@ def mh_client(partition_id, name, state, global_model=None, epochs=1):
     data = federated_data(DATASETS["mnist"], str(TINY_MNIST),
                           SplitSettings(10, 2, 500, 0))[partition_id]
     loop = InnerLoop(batch_size=32, weight_decay=5e-4, epochs=epochs)
-    return PFedHNClient(partition_id, data, make_client_model(name, **MNIST_ZOO), loop, seed=3,
-                        out_dim=10, store=LocalStore(state), flat=True,
+    return PFedHNClient(partition_id, data, make_client_model(name, **MNIST_ZOO),
+                        Training(loop, seed=3, out_dim=10, flat=True), store=LocalStore(state),
                         global_model=global_model and make_client_model(global_model, **MNIST_ZOO))
 
 

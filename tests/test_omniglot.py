@@ -6,7 +6,7 @@ import torch
 from flwr.app import RecordDict
 from PIL import Image
 
-from pFedHN.client import InnerLoop, LocalStore, PFedHNClient
+from pFedHN.client import InnerLoop, LocalStore, PFedHNClient, Training
 from pFedHN.config import ConfigError
 from pFedHN.dataset import (
     DATASETS,
@@ -96,7 +96,7 @@ def test_a_pc_client_trains_on_omniglot(omniglot_root):
     model = ConvNet4(1, 8, 4, 28, local=True)
     arrays = [p.detach().numpy().copy() for p in model.parameters()]
     client = PFedHNClient(0, data, ConvNet4(1, 8, 4, 28, local=True),
-                          InnerLoop(steps=5, batch_size=8), seed=0, out_dim=4,
+                          Training(InnerLoop(steps=5, batch_size=8), seed=0, out_dim=4),
                           store=LocalStore(RecordDict()))
     delta, n, metrics = client.fit(arrays, {"server-round": 1})
     assert [d.shape for d in delta] == [a.shape for a in arrays] and n == len(data.train_y)
