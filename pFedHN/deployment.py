@@ -62,9 +62,9 @@ def _server_fn(context: Context) -> ServerAppComponents:
     components = experiment.components(on_finish=lambda: finished.append(experiment.finish()))
 
     def on_exit() -> None:  # Flower ends the process: after the run, or cut short
-        if finished:
-            return
         server = components.server
+        if finished or server.ended.is_set():  # done, or ended by its own error: not a stop
+            return
         # Rounds in another thread (Flower's simulation runtime): they stop at the end
         # of the one in flight, at a checkpoint. In this thread: they are paused here.
         elsewhere = server.rounds_thread not in (None, threading.get_ident())
