@@ -102,7 +102,7 @@ def test_failed_visits_are_retried_and_the_rounds_equal_an_unbroken_run(kind):
     for server_round in (1, 2, 3):
         server.fit_round(server_round, None)
         unbroken_server.fit_round(server_round, None)
-    for ours, reference in zip(strategy.core.hnet.parameters(), unbroken.hnet.parameters(),
+    for ours, reference in zip(strategy.core.hnet.parameters(), unbroken.core.hnet.parameters(),
                                strict=True):
         assert torch.equal(ours, reference)
     assert steps == unbroken_steps  # the same steps, on the same clients, in the same order
