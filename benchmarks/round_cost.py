@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                         help="only rewrite --into's table from these --json files")
-    parser.add_argument("--into", type=Path, default=Path("README.md"))
+    parser.add_argument("--into", type=Path, default=Path("docs/performance.md"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.render:

@@ -3,6 +3,7 @@
     python benchmarks/side_by_side.py --authors CHECKOUT --data DIR --setting NAME
         [--units N] [--repeats 2] [--seed 42] [--device cpu|cuda] [--note TEXT]
         [--out outputs/side_by_side] [--json FILE] [Hydra overrides for our side ...]
+    python benchmarks/side_by_side.py --floor --json FILE [--out DIR]
     python benchmarks/side_by_side.py --render --json FILE
 
 ``CHECKOUT`` is a clone of the authors' code that you made yourself
@@ -22,8 +23,12 @@ run it records the wall time, the median step or round, the evaluation, a
 full-protocol estimate (pFedHN: 5000 steps and 168 evaluations; MH-pFedHN: 500
 rounds, each evaluated) and the test-accuracy trajectory. ``--json FILE`` adds
 the setting, with the machine and ``--note`` (what else was running), to FILE;
-``--render --json FILE`` writes the README's side-by-side table and one
-trajectory figure per setting under ``_static/benchmarks/`` (nothing is run).
+``--floor`` adds to each of FILE's settings the FLOPs of a step or round of
+training (torch's ``FlopCounterMode``) and the GFLOP/s both sides reach, next
+to a dense matmul's on the same machine (run it with the cores idle);
+``--render --json FILE`` writes the README's side-by-side table, the compute
+floor's table in ``docs/performance.md`` and one trajectory figure per setting
+under ``_static/benchmarks/`` (nothing is run).
 """
 
 from __future__ import annotations
@@ -328,6 +333,74 @@ def ratios(runs: dict[str, list[dict]]) -> dict[str, float]:
                         "wall_s")}
 
 
+def training_flops(run_dir: Path) -> float:
+    """FLOPs of one step or round of client training in our run ``run_dir`` (forward + backward).
+
+    Counted by torch's ``FlopCounterMode`` on each client's network, per sample,
+    times the samples a unit trains: pFedHN ``inner_steps x batch_size`` (every
+    client the same network), MH-pFedHN each client's training set per epoch.
+    """
+    import torch
+    from omegaconf import OmegaConf
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pFedHN.config import load_settings
+    from pFedHN.networks import client_network, image_size
+
+    settings = load_settings(OmegaConf.load(run_dir / "config.yaml"), on_disk=False)
+    clients = json.loads((run_dir / "results.json").read_text())["split"]["clients"]
+    batch = settings.client.batch_size
+    images = torch.randn(batch, settings.model.in_channels, *2 * [image_size(settings)])
+    labels = torch.randint(settings.model.out_dim, (batch,))
+    per_sample: dict[str, float] = {}
+
+    def flops_per_sample(partition: int) -> float:
+        network = client_network(settings, partition)
+        if network.name not in per_sample:
+            model = network.build()
+            with FlopCounterMode(display=False) as counter:
+                torch.nn.functional.cross_entropy(model(images), labels).backward()
+            per_sample[network.name] = counter.get_total_flops() / batch
+        return per_sample[network.name]
+
+    if not settings.variant.multi_head:
+        return flops_per_sample(0) * settings.client.inner_steps * batch
+    return sum(flops_per_sample(i) * client["train"] * settings.client.epochs
+               for i, client in enumerate(clients))
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """What this machine's torch reaches on a dense float32 matrix product: a practical peak."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def floor(setting: Setting, comparison: dict, run_dir: Path) -> dict:
+    """How close our training is to the compute floor, and what is left of a unit.
+
+    ``run_dir``: one of the comparison's own runs of ours (its config and split).
+    """
+    flops = training_flops(run_dir)
+    timing = json.loads((run_dir / "results.json").read_text())["timing"]
+    unit_s = side_median(comparison["runs"], "ours", "median_unit_s")
+    evaluation_s = side_median(comparison["runs"], "ours", "median_evaluation_s")
+    left = {"clients_s": timing["median_client_s"], "server_s": timing["median_server_s"]}
+    left["flower_and_rest_s"] = unit_s - left["clients_s"] - left["server_s"] - (
+        evaluation_s if setting.every_client else 0.0)
+    return {"training_gflop_per_unit": flops / 1e9,
+            "ours_client_gflops": flops / 1e9 / timing["median_client_s"],
+            "authors_unit_gflops": flops / 1e9 / side_median(comparison["runs"], "authors",
+                                                              "median_unit_s"),
+            "matmul_gflops": matmul_gflops(), "ours_unit_parts_s": left,
+            "ours_evaluation_s": evaluation_s}
+
+
 def machine() -> dict:
     """What both sides ran on."""
     import torch
@@ -351,10 +424,40 @@ def add_to_json(path: Path, comparison: dict, note: str) -> None:
 
 
 START, END = "<!-- side_by_side:start -->", "<!-- side_by_side:end -->"
+FLOOR_START, FLOOR_END = "<!-- side_by_side_floor:start -->", "<!-- side_by_side_floor:end -->"
 
 
-def render(path: Path, page: Path, figures_dir: Path) -> None:
-    """Rewrite ``page``'s side-by-side table from ``path``; a trajectory figure per setting."""
+def replace_between(page: Path, start: str, end: str, lines: list[str]) -> None:
+    """Rewrite what lies between ``page``'s markers ``start`` and ``end``."""
+    text = page.read_text()
+    head, rest = text.split(start, 1)
+    page.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{rest.split(end, 1)[1]}")
+
+
+def floor_rows(store: dict) -> list[str]:
+    """The compute-floor table: our clients' GFLOP/s against a dense matmul's, and the rest."""
+    rows = ["| setting | training a step or round | our clients | the authors' whole step "
+            "or round | dense matmul, same machine | our step or round: clients / server / "
+            "Flower and the rest / evaluation |", "|---|---|---|---|---|---|"]
+    for name, entry in store["settings"].items():
+        f = entry.get("floor")
+        if f is None:
+            continue
+        parts = f["ours_unit_parts_s"]
+        rows.append(
+            f"| `{name}` | {f['training_gflop_per_unit']:.1f} GFLOP | "
+            f"{f['ours_client_gflops']:.0f} GFLOP/s | {f['authors_unit_gflops']:.0f} GFLOP/s | "
+            f"{f['matmul_gflops']:.0f} GFLOP/s | {parts['clients_s']:.3f} / "
+            f"{parts['server_s']:.3f} / {parts['flower_and_rest_s']:.3f} / "
+            f"{f['ours_evaluation_s']:.3f} s |")
+    return rows
+
+
+def render(path: Path, page: Path, figures_dir: Path, floor_page: Path | None = None) -> None:
+    """Rewrite ``page``'s side-by-side table from ``path``; a trajectory figure per setting.
+
+    ``floor_page``: also rewrite its compute-floor table.
+    """
     store = json.loads(path.read_text())
     rows = ["| setting | machine (what else ran) | runs | median step or round: authors / "
             "ours | evaluation: authors / ours | full protocol, estimated: authors / ours | "
@@ -375,9 +478,9 @@ def render(path: Path, page: Path, figures_dir: Path) -> None:
             f"{median('ours', 'full_protocol_estimate_s'):,.0f} s | "
             f"**{entry['ratios']['full_protocol_estimate_s']:.2f}x** |")
         plot_trajectories(name, entry, figures_dir / f"side_by_side_{name}.png")
-    text = page.read_text()
-    head, rest = text.split(START, 1)
-    page.write_text(f"{head}{START}\n" + "\n".join(rows) + f"\n{END}{rest.split(END, 1)[1]}")
+    replace_between(page, START, END, rows)
+    if floor_page is not None:
+        replace_between(floor_page, FLOOR_START, FLOOR_END, floor_rows(store))
 
 
 def plot_trajectories(name: str, entry: dict, png: Path) -> None:
@@ -424,16 +527,25 @@ def main() -> None:
     parser.add_argument("--note", default="nothing else", help="what else ran meanwhile")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "side_by_side")
     parser.add_argument("--json", type=Path, help="add the figures to this file")
+    parser.add_argument("--floor", action="store_true",
+                        help="only add the compute floor to --json's settings from --out's runs")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite the README table and figures from --json")
     parser.add_argument("--into", type=Path, default=REPO / "README.md")
+    parser.add_argument("--floor-into", type=Path, default=REPO / "docs" / "performance.md")
     parser.add_argument("--figures", type=Path, default=REPO / "_static" / "benchmarks")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for our side")
     args = parser.parse_args()
     if args.render:
         if args.json is None:
             parser.error("--render needs --json FILE")
-        render(args.json, args.into, args.figures)
+        render(args.json, args.into, args.figures, args.floor_into)
+        return
+    if args.floor:
+        store = json.loads(args.json.read_text())
+        for name, entry in store["settings"].items():
+            entry["floor"] = floor(SETTINGS[name], entry, args.out.resolve() / name / "ours_0")
+        args.json.write_text(json.dumps(store, indent=1) + "\n")
         return
     if args.authors is None or args.data is None or args.setting is None:
         parser.error("--authors, --data and --setting are needed (or --render --json FILE)")

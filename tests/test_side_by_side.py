@@ -209,6 +209,32 @@ def test_the_ratios_are_medians_over_repeats_and_no_machine_path_is_kept(compari
     assert "--num-steps 7" in json.loads(text)["settings"]["pfedhn"]["commands"]["authors"]
 
 
+def cnn_target_training_flops_per_sample() -> int:
+    """The tiny MNIST CNNTarget (7 kernels, 32 x 32 inputs), counted by hand.
+
+    Multiply-adds of the forward pass per layer; training takes the forward, the
+    weight gradients (the same again) and the input gradients of every layer but
+    the first (whose input needs none); 2 FLOPs a multiply-add.
+    """
+    macs = [7 * 28 * 28 * 1 * 25, 14 * 10 * 10 * 7 * 25, 350 * 120, 120 * 84, 84 * 10]
+    return 2 * (3 * sum(macs) - macs[0])
+
+
+@pytest.mark.simulation
+def test_the_compute_floor_counts_a_steps_flops_and_divides_by_our_client_time(
+        comparison, runs_out):
+    floor = side_by_side.floor(TINY_PFEDHN, comparison, runs_out / "pfedhn" / "ours_0")
+    flops = 5 * 64 * cnn_target_training_flops_per_sample()  # inner_steps x batch x per sample
+    assert floor["training_gflop_per_unit"] == pytest.approx(flops / 1e9)
+    timing = json.loads((runs_out / "pfedhn" / "ours_0" / "results.json").read_text())["timing"]
+    assert floor["ours_client_gflops"] == pytest.approx(flops / 1e9 / timing["median_client_s"])
+    parts = floor["ours_unit_parts_s"]
+    unit_s = statistics.median(r["median_unit_s"] for r in comparison["runs"]["ours"])
+    assert parts["clients_s"] + parts["server_s"] + parts["flower_and_rest_s"] == \
+        pytest.approx(unit_s)
+    assert floor["matmul_gflops"] > 0
+
+
 @pytest.mark.simulation
 def test_render_writes_the_table_row_and_a_trajectory_figure(comparison, tmp_path):
     store, page = tmp_path / "side_by_side.json", tmp_path / "README.md"
@@ -223,6 +249,15 @@ def test_render_writes_the_table_row_and_a_trajectory_figure(comparison, tmp_pat
     assert f"{authors:,.0f} / " in row and "A O A O" in row and "(the test suite)" in row
     assert f"**{comparison['ratios']['full_protocol_estimate_s']:.2f}x**" in row
     assert (tmp_path / "figures" / "side_by_side_pfedhn.png").stat().st_size > 10_000
+    docs = tmp_path / "performance.md"
+    docs.write_text(f"{side_by_side.FLOOR_START}\n{side_by_side.FLOOR_END}\n")
+    side_by_side.add_to_json(store, comparison | {"floor": {
+        "training_gflop_per_unit": 1.5, "ours_client_gflops": 50.0, "authors_unit_gflops": 40.0,
+        "matmul_gflops": 100.0, "ours_evaluation_s": 0.5, "ours_unit_parts_s": {
+            "clients_s": 0.25, "server_s": 0.125, "flower_and_rest_s": 0.07}}}, "test")
+    side_by_side.render(store, page, tmp_path / "figures", docs)
+    assert "| `pfedhn` | 1.5 GFLOP | 50 GFLOP/s | 40 GFLOP/s | 100 GFLOP/s | 0.250 / " \
+           "0.125 / 0.070 / 0.500 s |" in docs.read_text()
 
 
 def test_the_five_network_setting_reads_each_networks_block(mh_checkout, image_folder,
