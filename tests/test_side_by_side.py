@@ -210,13 +210,13 @@ def test_the_ratios_are_medians_over_repeats_and_no_machine_path_is_kept(compari
 
 
 def cnn_target_training_flops_per_sample() -> int:
-    """The tiny MNIST CNNTarget (7 kernels, 32 x 32 inputs), counted by hand.
+    """The tiny MNIST CNNTarget (7 kernels, 28 x 28 inputs), counted by hand.
 
     Multiply-adds of the forward pass per layer; training takes the forward, the
     weight gradients (the same again) and the input gradients of every layer but
     the first (whose input needs none); 2 FLOPs a multiply-add.
     """
-    macs = [7 * 28 * 28 * 1 * 25, 14 * 10 * 10 * 7 * 25, 350 * 120, 120 * 84, 84 * 10]
+    macs = [7 * 24 * 24 * 1 * 25, 14 * 8 * 8 * 7 * 25, 14 * 4 * 4 * 120, 120 * 84, 84 * 10]
     return 2 * (3 * sum(macs) - macs[0])
 
 
