@@ -56,7 +56,8 @@ CHECKOUT_FILES = {PFEDHN: ("experiments/pfedhn/trainer.py", "experiments/pfedhn_
                   MH_PFL: ("MH-pFedHN.py", "MH-pFedHNGD.py", "dataset.py", "display.py",
                            "config/defaults.yaml")}
 # Both trainers log "Step: <steps done>, AVG Loss: <loss>,  AVG Acc: <pooled test accuracy>".
-FIVE_NETWORKS = ("CNN", "VGG8", "ResNet10", "ResNet12", "ResNet18")  # MH-pFL's block order
+# MH-pFL's networks in its clients' block order (CNN, VGG8, ResNet10/12/18), named as ours.
+FIVE_NETWORKS = ("mh-cnn", "mh-vgg8", "mh-resnet10", "mh-resnet12", "mh-resnet18")
 STEP_LINE = re.compile(r"Step: (\d+), AVG Loss: [-\d.naif]+,\s+AVG Acc: ([\d.]+)")
 
 
@@ -381,24 +382,24 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def floor(setting: Setting, comparison: dict, run_dir: Path) -> dict:
-    """How close our training is to the compute floor, and what is left of a unit.
+def floor(comparison: dict, run_dir: Path) -> dict:
+    """How close our training is to the compute floor, and what else a unit holds.
 
-    ``run_dir``: one of the comparison's own runs of ours (its config and split).
+    ``run_dir``: one of the comparison's own runs of ours (its config, split and
+    timing). The parts are that run's medians over its rounds, each on its own:
+    on a noisy machine they need not add up to the median unit.
     """
     flops = training_flops(run_dir)
-    timing = json.loads((run_dir / "results.json").read_text())["timing"]
-    unit_s = side_median(comparison["runs"], "ours", "median_unit_s")
-    evaluation_s = side_median(comparison["runs"], "ours", "median_evaluation_s")
-    left = {"clients_s": timing["median_client_s"], "server_s": timing["median_server_s"]}
-    left["flower_and_rest_s"] = unit_s - left["clients_s"] - left["server_s"] - (
-        evaluation_s if setting.every_client else 0.0)
+    results = json.loads((run_dir / "results.json").read_text())
+    timing = results["timing"]
+    parts = {"unit_s": timing["median_round_s"], "clients_s": timing["median_client_s"],
+             "server_s": timing["median_server_s"], "evaluation_s": statistics.median(
+                 e["evaluation_time_s"] for e in results["evaluations"])}
     return {"training_gflop_per_unit": flops / 1e9,
-            "ours_client_gflops": flops / 1e9 / timing["median_client_s"],
+            "ours_client_gflops": flops / 1e9 / parts["clients_s"],
             "authors_unit_gflops": flops / 1e9 / side_median(comparison["runs"], "authors",
                                                               "median_unit_s"),
-            "matmul_gflops": matmul_gflops(), "ours_unit_parts_s": left,
-            "ours_evaluation_s": evaluation_s}
+            "matmul_gflops": matmul_gflops(), "ours_parts_s": parts}
 
 
 def machine() -> dict:
@@ -434,22 +435,26 @@ def replace_between(page: Path, start: str, end: str, lines: list[str]) -> None:
     page.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{rest.split(end, 1)[1]}")
 
 
+def in_order(store: dict) -> list[tuple[str, dict]]:
+    """The stored settings in SETTINGS' order."""
+    return sorted(store["settings"].items(), key=lambda item: list(SETTINGS).index(item[0]))
+
+
 def floor_rows(store: dict) -> list[str]:
     """The compute-floor table: our clients' GFLOP/s against a dense matmul's, and the rest."""
     rows = ["| setting | training a step or round | our clients | the authors' whole step "
-            "or round | dense matmul, same machine | our step or round: clients / server / "
-            "Flower and the rest / evaluation |", "|---|---|---|---|---|---|"]
-    for name, entry in store["settings"].items():
+            "or round | dense matmul, same machine | our step or round / its clients / "
+            "server / evaluation |", "|---|---|---|---|---|---|"]
+    for name, entry in in_order(store):
         f = entry.get("floor")
         if f is None:
             continue
-        parts = f["ours_unit_parts_s"]
+        parts = " / ".join(f"{f['ours_parts_s'][k]:.3f}"
+                           for k in ("unit_s", "clients_s", "server_s", "evaluation_s"))
         rows.append(
             f"| `{name}` | {f['training_gflop_per_unit']:.1f} GFLOP | "
             f"{f['ours_client_gflops']:.0f} GFLOP/s | {f['authors_unit_gflops']:.0f} GFLOP/s | "
-            f"{f['matmul_gflops']:.0f} GFLOP/s | {parts['clients_s']:.3f} / "
-            f"{parts['server_s']:.3f} / {parts['flower_and_rest_s']:.3f} / "
-            f"{f['ours_evaluation_s']:.3f} s |")
+            f"{f['matmul_gflops']:.0f} GFLOP/s | {parts} s |")
     return rows
 
 
@@ -459,17 +464,20 @@ def render(path: Path, page: Path, figures_dir: Path, floor_page: Path | None = 
     ``floor_page``: also rewrite its compute-floor table.
     """
     store = json.loads(path.read_text())
-    rows = ["| setting | machine (what else ran) | runs | median step or round: authors / "
-            "ours | evaluation: authors / ours | full protocol, estimated: authors / ours | "
-            "ours / authors |", "|---|---|---|---|---|---|---|"]
-    for name, entry in store["settings"].items():
+    rows = ["| setting | runs | median step or round: authors / ours | evaluation: authors "
+            "/ ours | full protocol, estimated: authors / ours | ours / authors |",
+            "|---|---|---|---|---|---|"]
+    machines: dict[str, list[str]] = {}  # where each ran, and what else ran meanwhile
+    for name, entry in in_order(store):
         def median(side: str, key: str, runs: dict = entry["runs"]) -> float:
             return side_median(runs, side, key)
 
         m = entry["machine"]
+        machines.setdefault(f"{m['cpu']}, {m['cpu_cores']} cores"
+                            f"{', ' + m['gpu'] if m.get('gpu') else ''} "
+                            f"({entry['while_running']})", []).append(f"`{name}`")
         rows.append(
-            f"| `{name}` ({entry['units']} {entry['unit']}s) | {m['cpu']}, {m['cpu_cores']} "
-            f"cores{', ' + m['gpu'] if m.get('gpu') else ''} ({entry['while_running']}) | "
+            f"| `{name}` ({entry['units']} {entry['unit']}s) | "
             f"{' '.join(s[0].upper() for s in entry['order'])} | "
             f"{median('authors', 'median_unit_s'):.3f} / {median('ours', 'median_unit_s'):.3f}"
             f" s | {median('authors', 'median_evaluation_s'):.2f} / "
@@ -478,6 +486,7 @@ def render(path: Path, page: Path, figures_dir: Path, floor_page: Path | None = 
             f"{median('ours', 'full_protocol_estimate_s'):,.0f} s | "
             f"**{entry['ratios']['full_protocol_estimate_s']:.2f}x** |")
         plot_trajectories(name, entry, figures_dir / f"side_by_side_{name}.png")
+    rows += ["", *(f"{', '.join(names)}: {where}." for where, names in machines.items())]
     replace_between(page, START, END, rows)
     if floor_page is not None:
         replace_between(floor_page, FLOOR_START, FLOOR_END, floor_rows(store))
@@ -492,7 +501,7 @@ def plot_trajectories(name: str, entry: dict, png: Path) -> None:
 
     panels = {"all clients (pooled)": "trajectory"}
     networks = entry["runs"]["ours"][0].get("trajectory_by_network", {})
-    panels.update({f"{n} (authors: mean over clients)": n for n in networks})
+    panels.update({f"{n} (authors: mean over its clients)": n for n in networks})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, key) in zip(axes[0], panels.items(), strict=True):
         for side, style in (("authors", "--"), ("ours", "-")):
@@ -544,7 +553,7 @@ def main() -> None:
     if args.floor:
         store = json.loads(args.json.read_text())
         for name, entry in store["settings"].items():
-            entry["floor"] = floor(SETTINGS[name], entry, args.out.resolve() / name / "ours_0")
+            entry["floor"] = floor(entry, args.out.resolve() / name / "ours_0")
         args.json.write_text(json.dumps(store, indent=1) + "\n")
         return
     if args.authors is None or args.data is None or args.setting is None:

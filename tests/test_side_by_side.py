@@ -223,15 +223,18 @@ def cnn_target_training_flops_per_sample() -> int:
 @pytest.mark.simulation
 def test_the_compute_floor_counts_a_steps_flops_and_divides_by_our_client_time(
         comparison, runs_out):
-    floor = side_by_side.floor(TINY_PFEDHN, comparison, runs_out / "pfedhn" / "ours_0")
+    floor = side_by_side.floor(comparison, runs_out / "pfedhn" / "ours_0")
     flops = 5 * 64 * cnn_target_training_flops_per_sample()  # inner_steps x batch x per sample
     assert floor["training_gflop_per_unit"] == pytest.approx(flops / 1e9)
-    timing = json.loads((runs_out / "pfedhn" / "ours_0" / "results.json").read_text())["timing"]
+    results = json.loads((runs_out / "pfedhn" / "ours_0" / "results.json").read_text())
+    timing = results["timing"]
     assert floor["ours_client_gflops"] == pytest.approx(flops / 1e9 / timing["median_client_s"])
-    parts = floor["ours_unit_parts_s"]
-    unit_s = statistics.median(r["median_unit_s"] for r in comparison["runs"]["ours"])
-    assert parts["clients_s"] + parts["server_s"] + parts["flower_and_rest_s"] == \
-        pytest.approx(unit_s)
+    authors_s = statistics.median(r["median_unit_s"] for r in comparison["runs"]["authors"])
+    assert floor["authors_unit_gflops"] == pytest.approx(flops / 1e9 / authors_s)
+    assert floor["ours_parts_s"] == {
+        "unit_s": timing["median_round_s"], "clients_s": timing["median_client_s"],
+        "server_s": timing["median_server_s"],
+        "evaluation_s": statistics.median(e["evaluation_time_s"] for e in results["evaluations"])}
     assert floor["matmul_gflops"] > 0
 
 
@@ -246,18 +249,19 @@ def test_render_writes_the_table_row_and_a_trajectory_figure(comparison, tmp_pat
     row = next(line for line in text.splitlines() if line.startswith("| `pfedhn`"))
     authors = statistics.median(r["full_protocol_estimate_s"]
                                 for r in comparison["runs"]["authors"])
-    assert f"{authors:,.0f} / " in row and "A O A O" in row and "(the test suite)" in row
+    assert f"{authors:,.0f} / " in row and "A O A O" in row
+    assert f"`pfedhn`: {side_by_side.machine()['cpu']}, " in text and "(the test suite)." in text
     assert f"**{comparison['ratios']['full_protocol_estimate_s']:.2f}x**" in row
     assert (tmp_path / "figures" / "side_by_side_pfedhn.png").stat().st_size > 10_000
     docs = tmp_path / "performance.md"
     docs.write_text(f"{side_by_side.FLOOR_START}\n{side_by_side.FLOOR_END}\n")
     side_by_side.add_to_json(store, comparison | {"floor": {
         "training_gflop_per_unit": 1.5, "ours_client_gflops": 50.0, "authors_unit_gflops": 40.0,
-        "matmul_gflops": 100.0, "ours_evaluation_s": 0.5, "ours_unit_parts_s": {
-            "clients_s": 0.25, "server_s": 0.125, "flower_and_rest_s": 0.07}}}, "test")
+        "matmul_gflops": 100.0, "ours_parts_s": {
+            "unit_s": 0.5, "clients_s": 0.25, "server_s": 0.125, "evaluation_s": 0.07}}}, "test")
     side_by_side.render(store, page, tmp_path / "figures", docs)
-    assert "| `pfedhn` | 1.5 GFLOP | 50 GFLOP/s | 40 GFLOP/s | 100 GFLOP/s | 0.250 / " \
-           "0.125 / 0.070 / 0.500 s |" in docs.read_text()
+    assert "| `pfedhn` | 1.5 GFLOP | 50 GFLOP/s | 40 GFLOP/s | 100 GFLOP/s | 0.500 / " \
+           "0.250 / 0.125 / 0.070 s |" in docs.read_text()
 
 
 def test_the_five_network_setting_reads_each_networks_block(mh_checkout, image_folder,
@@ -269,7 +273,8 @@ def test_the_five_network_setting_reads_each_networks_block(mh_checkout, image_f
                                        device="cpu", out=tmp_path)
     # 12 clients in blocks 3, 3, 2, 2, 2; client c's accuracy (c + round - 1) / 100
     assert figures["trajectory"] == [[r, round((5.5 + r - 1) / 100, 4)] for r in (1, 2, 3)]
-    for network, mean_client in (("CNN", 1), ("VGG8", 4), ("ResNet10", 6.5), ("ResNet18", 10.5)):
+    for network, mean_client in (("mh-cnn", 1), ("mh-vgg8", 4), ("mh-resnet10", 6.5),
+                                ("mh-resnet18", 10.5)):
         assert figures["trajectory_by_network"][network] == [
             [r, pytest.approx((mean_client + r - 1) / 100)] for r in (1, 2, 3)]
     # every round evaluates: a round's time holds it, and 500 of them are the protocol
