@@ -3,6 +3,8 @@
     python benchmarks/side_by_side.py --authors CHECKOUT --data DIR --setting NAME
         [--units N] [--repeats 2] [--seed 42] [--device cpu|cuda] [--note TEXT]
         [--out outputs/side_by_side] [--json FILE] [Hydra overrides for our side ...]
+    python benchmarks/side_by_side.py --authors CHECKOUT --data DIR --setting NAME
+        --against RUN_DIR [--units N] [--repeats 1] [--json FILE]
     python benchmarks/side_by_side.py --floor --json FILE [--out DIR]
     python benchmarks/side_by_side.py --render --json FILE
 
@@ -29,6 +31,11 @@ to a dense matmul's on the same machine (run it with the cores idle);
 ``--render --json FILE`` writes the README's side-by-side table, the compute
 floor's table in ``docs/performance.md`` and one trajectory figure per setting
 under ``_static/benchmarks/`` (nothing is run).
+
+``--against RUN_DIR`` sets a long run of ours made earlier (its
+``results.json``, with the same setting and seed) beside the authors' first
+``--units`` rounds: only their side runs, and only the trajectories are
+compared (the two sides' times come from different sittings: no ratio).
 """
 
 from __future__ import annotations
@@ -309,6 +316,55 @@ def compare(name: str, setting: Setting, checkout: Path, data: Path, units: int,
             "runs": runs, "ratios": ratios(runs)}
 
 
+# What a run of ours must share with a setting to stand beside the authors' run.
+AGAINST_KEYS = ("seed", "num_clients", "model.variant", "model.architectures",
+                "client.partition", "client.epochs", "server.optimizer", "server.lr",
+                "dataset.paper_dataset")
+
+
+def check_against(setting: Setting, run_dir: Path, seed: int,
+                  data_overrides: Sequence[str] | None = None) -> dict:
+    """``run_dir``'s results, once its config is the setting's with this seed (one line if not).
+
+    ``data_overrides``: what our side's data would be (default: the image folder's).
+    """
+    from omegaconf import OmegaConf
+
+    from pFedHN.config import compose_config
+
+    if not (run_dir / "results.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise CheckoutError(f"--against {run_dir}: expected a run directory of "
+                            "python -m pFedHN.main (with results.json and config.yaml)")
+    ran = OmegaConf.load(run_dir / "config.yaml")
+    data_overrides = folder_overrides(Path("data")) if data_overrides is None else data_overrides
+    expected = compose_config([*setting.ours, *data_overrides, f"seed={seed}"])
+    for key in AGAINST_KEYS:
+        if OmegaConf.select(ran, key) != OmegaConf.select(expected, key):
+            raise CheckoutError(
+                f"--against {run_dir}: its {key} is {OmegaConf.select(ran, key)}, the setting "
+                f"with --seed {seed} has {OmegaConf.select(expected, key)}")
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def against(name: str, setting: Setting, checkout: Path, data: Path, units: int, repeats: int,
+            run_dir: Path, seed: int = 42, device: str = "cpu",
+            out: Path = REPO / "outputs" / "side_by_side",
+            data_overrides: Sequence[str] | None = None) -> dict:
+    """The authors' first ``units`` steps or rounds, ``repeats`` times, beside our ``run_dir``."""
+    results = check_against(setting, run_dir, seed, data_overrides)
+    ours = {"wall_s": results["wall_time_s"], **our_figures(setting, results)}
+    runs = {"authors": [run_authors(setting, checkout, data, units, seed, device,
+                                    (out / name / f"authors_{repeat}").resolve())
+                        for repeat in range(repeats)], "ours": [ours]}
+    command = authors_command(setting, Path("<authors>"), Path("<data>"), units, seed, device,
+                              Path("<out>"))[0]
+    return {"setting": name, "unit": setting.unit, "units": units, "seed": seed,
+            "device": device, "order": ["authors"] * repeats, "against_run": run_dir.name,
+            "authors_checkout": checkout_id(checkout, setting),
+            "commands": {"authors": "cd <authors> && " + " ".join(
+                readable(part, "<pFedHN>/") for part in command)}, "runs": runs}
+
+
 def readable(part: str, repository: str) -> str:
     """A command's part with ``repository`` for this machine's clone, and plain python."""
     return "python" if part == sys.executable else part.replace(f"{REPO}/", repository)
@@ -416,16 +472,22 @@ def machine() -> dict:
 
 
 def add_to_json(path: Path, comparison: dict, note: str) -> None:
-    """Keep one entry per setting in ``path``, with the machine and what else ran."""
+    """Keep one entry per setting in ``path``, with the machine and what else ran.
+
+    Comparisons with an earlier run of ours (``against``) go under ``against_runs``.
+    """
     store = json.loads(path.read_text()) if path.exists() else {"settings": {}}
-    store["settings"][comparison["setting"]] = {**comparison, "machine": machine(),
-                                                "while_running": note}
+    section = "against_runs" if "against_run" in comparison else "settings"
+    store.setdefault(section, {})[comparison["setting"]] = {
+        **comparison, "machine": machine(), "while_running": note}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(store, indent=1) + "\n")
 
 
 START, END = "<!-- side_by_side:start -->", "<!-- side_by_side:end -->"
 FLOOR_START, FLOOR_END = "<!-- side_by_side_floor:start -->", "<!-- side_by_side_floor:end -->"
+AGAINST_START = "<!-- side_by_side_against:start -->"
+AGAINST_END = "<!-- side_by_side_against:end -->"
 
 
 def replace_between(page: Path, start: str, end: str, lines: list[str]) -> None:
@@ -433,6 +495,30 @@ def replace_between(page: Path, start: str, end: str, lines: list[str]) -> None:
     text = page.read_text()
     head, rest = text.split(start, 1)
     page.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{rest.split(end, 1)[1]}")
+
+
+def against_rows(store: dict) -> list[str]:
+    """Test accuracy (per network too), authors / ours, at four points of the authors' run."""
+    rows = []
+    for name, entry in store.get("against_runs", {}).items():
+        authors, ours = entry["runs"]["authors"][0], entry["runs"]["ours"][0]
+        every = max(1, entry["units"] // 4)
+        done = [r for r, _ in authors["trajectory"] if r % every == 0]
+        rows += [f"`{name}` beside our run `{entry['against_run']}` (test accuracy %, "
+                 "authors / ours):", "",
+                 "| network | " + " | ".join(f"round {r}" for r in done) + " |",
+                 "|---|" + "---|" * len(done)]
+        curves = {"all clients (pooled)": ("trajectory", None),
+                  **{n: ("trajectory_by_network", n)
+                     for n in ours.get("trajectory_by_network", {})}}
+        for label, (key, network) in curves.items():
+            def at(run: dict, r: int, key: str = key, network: str | None = network) -> str:
+                points = dict(map(tuple, run[key] if network is None
+                                  else run.get(key, {}).get(network, [])))
+                return f"{100 * points[r]:.1f}" if r in points else "-"
+            rows.append(f"| {label} | " + " | ".join(f"{at(authors, r)} / {at(ours, r)}"
+                                                     for r in done) + " |")
+    return rows
 
 
 def in_order(store: dict) -> list[tuple[str, dict]]:
@@ -488,12 +574,20 @@ def render(path: Path, page: Path, figures_dir: Path, floor_page: Path | None = 
         plot_trajectories(name, entry, figures_dir / f"side_by_side_{name}.png")
     rows += ["", *(f"{', '.join(names)}: {where}." for where, names in machines.items())]
     replace_between(page, START, END, rows)
+    for name, entry in store.get("against_runs", {}).items():
+        plot_trajectories(name, entry, figures_dir / f"side_by_side_{name}_against_run.png",
+                          last=entry["units"])
     if floor_page is not None:
         replace_between(floor_page, FLOOR_START, FLOOR_END, floor_rows(store))
+        if AGAINST_START in floor_page.read_text():
+            replace_between(floor_page, AGAINST_START, AGAINST_END, against_rows(store))
 
 
-def plot_trajectories(name: str, entry: dict, png: Path) -> None:
-    """Test accuracy against steps or rounds done, both sides, every run; per network if any."""
+def plot_trajectories(name: str, entry: dict, png: Path, last: int | None = None) -> None:
+    """Test accuracy against steps or rounds done, both sides, every run; per network if any.
+
+    ``last``: show steps or rounds up to this one only.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,6 +602,7 @@ def plot_trajectories(name: str, entry: dict, png: Path) -> None:
             for i, run in enumerate(entry["runs"][side]):
                 points = run["trajectory"] if key == "trajectory" else \
                     run.get("trajectory_by_network", {}).get(key, [])
+                points = [p for p in points if last is None or p[0] <= last]
                 if points:
                     x, y = zip(*points, strict=True)
                     ax.plot(x, [100 * v for v in y], style, color="C0" if side == "ours" else "C1",
@@ -536,6 +631,9 @@ def main() -> None:
     parser.add_argument("--note", default="nothing else", help="what else ran meanwhile")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "side_by_side")
     parser.add_argument("--json", type=Path, help="add the figures to this file")
+    parser.add_argument("--against", type=Path, metavar="RUN_DIR",
+                        help="an earlier run of ours to set beside the authors' (only "
+                             "theirs runs; trajectories only)")
     parser.add_argument("--floor", action="store_true",
                         help="only add the compute floor to --json's settings from --out's runs")
     parser.add_argument("--render", action="store_true",
@@ -563,11 +661,19 @@ def main() -> None:
         setting = check_inputs(args.setting, checkout, data)
     except CheckoutError as error:
         sys.exit(f"side_by_side: {error}")
-    comparison = compare(args.setting, setting, checkout, data,
-                         args.units or setting.default_units, args.repeats, args.seed,
-                         args.device, args.out, extra=args.overrides)
-    for key, ratio in comparison["ratios"].items():
-        print(f"ours / authors, {key}: {ratio:.2f}")
+    units = args.units or setting.default_units
+    if args.against is not None:
+        try:
+            check_against(setting, args.against.resolve(), args.seed)
+        except CheckoutError as error:
+            sys.exit(f"side_by_side: {error}")
+        comparison = against(args.setting, setting, checkout, data, units, args.repeats,
+                             args.against.resolve(), args.seed, args.device, args.out)
+    else:
+        comparison = compare(args.setting, setting, checkout, data, units, args.repeats,
+                             args.seed, args.device, args.out, extra=args.overrides)
+        for key, ratio in comparison["ratios"].items():
+            print(f"ours / authors, {key}: {ratio:.2f}")
     if args.json:
         add_to_json(args.json, comparison, args.note)
 

@@ -264,6 +264,41 @@ def test_render_writes_the_table_row_and_a_trajectory_figure(comparison, tmp_pat
            "0.250 / 0.125 / 0.070 s |" in docs.read_text()
 
 
+@pytest.mark.simulation
+def test_against_an_earlier_run_of_ours_runs_only_the_authors_and_sets_the_curves_side_by_side(
+        comparison, runs_out, pfedhn_checkout, image_folder, tmp_path):
+    ours_run, ours_data = runs_out / "pfedhn" / "ours_0", [*TINY_OVERRIDES, "num_clients=4"]
+    with pytest.raises(side_by_side.CheckoutError, match="its seed is 3, the setting with"):
+        side_by_side.check_against(TINY_PFEDHN, ours_run, 4, ours_data)
+    entry = side_by_side.against("pfedhn", TINY_PFEDHN, pfedhn_checkout, image_folder, units=7,
+                                 repeats=1, run_dir=ours_run, seed=3, out=tmp_path,
+                                 data_overrides=ours_data)
+    assert entry["order"] == ["authors"] and "ratios" not in entry
+    read = entry["runs"]["ours"][0]  # read from the run, not run again
+    assert read == comparison["runs"]["ours"][0] | {"wall_s": read["wall_s"]}
+    done = json.loads((tmp_path / "pfedhn" / "authors_0" / "authors_output" / "done.json")
+                      .read_text())
+    authors = entry["runs"]["authors"][0]["trajectory"]
+    assert authors == done["accuracy"] and [r for r, _ in authors] == [1, 4, 7]
+
+    store = tmp_path / "side_by_side.json"
+    side_by_side.add_to_json(store, comparison, note="the test suite")
+    side_by_side.add_to_json(store, entry, note="the test suite")
+    saved = json.loads(store.read_text())
+    assert saved["settings"]["pfedhn"]["order"] == ["authors", "ours"] * 2  # kept apart
+    assert saved["against_runs"]["pfedhn"]["against_run"] == "ours_0"
+    page, docs = tmp_path / "README.md", tmp_path / "performance.md"
+    page.write_text(f"{side_by_side.START}\n{side_by_side.END}\n")
+    docs.write_text(f"{side_by_side.FLOOR_START}\n{side_by_side.FLOOR_END}\n"
+                    f"{side_by_side.AGAINST_START}\n{side_by_side.AGAINST_END}\n")
+    side_by_side.render(store, page, tmp_path / "figures", docs)
+    assert (tmp_path / "figures" / "side_by_side_pfedhn_against_run.png").stat().st_size > 10_000
+    ours = dict(map(tuple, entry["runs"]["ours"][0]["trajectory"]))  # rounds 0, 3, 6, 7
+    a = dict(map(tuple, authors))
+    assert (f"| all clients (pooled) | {100 * a[1]:.1f} / - | {100 * a[4]:.1f} / - | "
+            f"{100 * a[7]:.1f} / {100 * ours[7]:.1f} |") in docs.read_text()
+
+
 def test_the_five_network_setting_reads_each_networks_block(mh_checkout, image_folder,
                                                           tmp_path):
     setting = dataclasses.replace(side_by_side.SETTINGS["mh_pfedhn_five"], authors_args=(
