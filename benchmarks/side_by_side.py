@@ -300,19 +300,15 @@ def compare(name: str, setting: Setting, checkout: Path, data: Path, units: int,
                   f"{figures['median_evaluation_s']:.3f} s, full protocol "
                   f"{figures['full_protocol_estimate_s']:.0f} s", flush=True)
     # the commands as a reader reruns them: no paths of this machine
-    authors, folder, run_dir = Path("<authors>"), Path("<data>"), Path("<out>")
+    folder, run_dir = Path("<data>"), Path("<out>")
     shown_data = folder_overrides(folder) if data_overrides == folder_overrides(data) \
         else data_overrides
-    commands = {"authors": authors_command(setting, authors, folder, units, seed, device,
-                                           run_dir)[0],
-                "ours": our_command(setting, shown_data, units, seed, device, run_dir,
-                                    list(extra))}
+    ours_command = our_command(setting, shown_data, units, seed, device, run_dir, list(extra))
     return {"setting": name, "unit": setting.unit, "units": units, "seed": seed,
             "device": device, "order": order, "authors_checkout": checkout_id(checkout, setting),
             "commands": {
-                "authors": "cd <authors> && " + " ".join(
-                    readable(part, "<pFedHN>/") for part in commands["authors"]),
-                "ours": " ".join(readable(part, "") for part in commands["ours"])},
+                "authors": shown_authors_command(setting, units, seed, device),
+                "ours": " ".join(readable(part, "") for part in ours_command)},
             "runs": runs, "ratios": ratios(runs)}
 
 
@@ -356,13 +352,18 @@ def against(name: str, setting: Setting, checkout: Path, data: Path, units: int,
     runs = {"authors": [run_authors(setting, checkout, data, units, seed, device,
                                     (out / name / f"authors_{repeat}").resolve())
                         for repeat in range(repeats)], "ours": [ours]}
-    command = authors_command(setting, Path("<authors>"), Path("<data>"), units, seed, device,
-                              Path("<out>"))[0]
     return {"setting": name, "unit": setting.unit, "units": units, "seed": seed,
             "device": device, "order": ["authors"] * repeats, "against_run": run_dir.name,
             "authors_checkout": checkout_id(checkout, setting),
-            "commands": {"authors": "cd <authors> && " + " ".join(
-                readable(part, "<pFedHN>/") for part in command)}, "runs": runs}
+            "commands": {"authors": shown_authors_command(setting, units, seed, device)},
+            "runs": runs}
+
+
+def shown_authors_command(setting: Setting, units: int, seed: int, device: str) -> str:
+    """Their command as a reader reruns it: no paths of this machine."""
+    command = authors_command(setting, Path("<authors>"), Path("<data>"), units, seed, device,
+                              Path("<out>"))[0]
+    return "cd <authors> && " + " ".join(readable(part, "<pFedHN>/") for part in command)
 
 
 def readable(part: str, repository: str) -> str:
@@ -663,12 +664,11 @@ def main() -> None:
         sys.exit(f"side_by_side: {error}")
     units = args.units or setting.default_units
     if args.against is not None:
-        try:
-            check_against(setting, args.against.resolve(), args.seed)
+        try:  # the run is checked before theirs starts
+            comparison = against(args.setting, setting, checkout, data, units, args.repeats,
+                                 args.against.resolve(), args.seed, args.device, args.out)
         except CheckoutError as error:
             sys.exit(f"side_by_side: {error}")
-        comparison = against(args.setting, setting, checkout, data, units, args.repeats,
-                             args.against.resolve(), args.seed, args.device, args.out)
     else:
         comparison = compare(args.setting, setting, checkout, data, units, args.repeats,
                              args.seed, args.device, args.out, extra=args.overrides)
