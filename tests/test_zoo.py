@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pFedHN.zoo import (
@@ -147,3 +148,50 @@ def test_channels_last_networks_compute_what_the_plain_layout_does_up_to_float_r
     (logits, grads), (ref_logits, ref_grads) = results
     assert (logits - ref_logits).norm() <= 1e-5 * ref_logits.norm()
     assert (grads - ref_grads).norm() <= 1e-5 * ref_grads.norm()
+
+
+def authors_layer_order(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The authors' CNN and VGG8 as they order the layers (ReLU, then pool), written out."""
+    def conv(layer: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(inputs, layer.weight, layer.bias, padding=1)
+
+    def linear(layer: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, layer.weight, layer.bias)
+
+    x = x.contiguous(memory_format=torch.channels_last)
+    if hasattr(model, "conv1"):  # mh-cnn
+        x = F.max_pool2d(F.relu(conv(model.conv1, x)), 2)
+        x = F.max_pool2d(F.relu(conv(model.conv2, x)), 2).flatten(1)
+        x = F.relu(linear(model.fc2, F.relu(linear(model.fc1, x))))
+        return linear(model.fc3, x)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    for first, second in zip(convs[::2], convs[1::2], strict=True):
+        x = F.max_pool2d(F.relu(conv(second, F.relu(conv(first, x)))), 2)
+    linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    x = F.relu(linear(linears[1], F.relu(linear(linears[0], x.flatten(1)))))
+    return linear(linears[2], x)
+
+
+@pytest.mark.parametrize("name", ["mh-cnn", "mh-vgg8"])
+def test_pool_before_relu_gives_the_authors_values_and_gradients_bit_for_bit(name):
+    """Our CNN and VGG8 pool before a ReLU the authors apply first (a quarter of
+    the elements): logits and every parameter's gradient equal theirs exactly,
+    also where a whole pooling window is negative."""
+    torch.manual_seed(0)
+    model = make_client_model(name, 3, 10, 32)
+    model.eval()  # VGG8's dropout
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    logits = model(images)
+    assert (logits != 0).all()
+    results = []
+    for forward in (model, lambda x: authors_layer_order(model, x)):
+        out = forward(images)
+        results.append((out, torch.autograd.grad(F.cross_entropy(out, labels),
+                                                 list(model.parameters()))))
+    (ours, our_grads), (theirs, their_grads) = results
+    assert torch.equal(ours, theirs)
+    for mine, reference in zip(our_grads, their_grads, strict=True):
+        assert torch.equal(mine, reference)
+    first = model.conv1 if name == "mh-cnn" else model.features[0]
+    pooled = F.max_pool2d(first(images.contiguous(memory_format=torch.channels_last)), 2)
+    assert (pooled < 0).any()  # a window with no positive value: its gradient is zero both ways
