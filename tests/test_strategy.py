@@ -7,7 +7,7 @@ import torch
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from pFedHN.core import PFedHNCore
+from pFedHN.core import PFedHNCore, clip_gradients
 from pFedHN.models import CNNHyper, CNNTarget, MHHyper, parameter_shapes
 from pFedHN.schedule import evaluation_rounds
 from pFedHN.strategy import (
@@ -72,6 +72,31 @@ def test_update_equals_autograd_of_inner_product(scale, device):
         for ours, ref in pairs:
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)  # float32 sums
     assert (max(norms) > CLIP) == (scale > 1)
+
+
+@pytest.mark.parametrize("max_norm_over_norm", [0.5, 1.0, 1 + 1e-7, 2.0])
+def test_clip_gradients_leaves_what_torchs_clip_leaves_bit_for_bit(max_norm_over_norm):
+    """Under the limit, at it and just over: the same gradients as clip_grad_norm_,
+    which multiplies even when its factor is 1."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((300, 7), (11,), (5, 5))]
+    params.append(torch.nn.Parameter(torch.zeros(3)))  # no gradient: left alone
+    for p in params[:3]:
+        p.grad = torch.randn_like(p) * 3
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params[:3]])
+    max_norm = float(norm) * max_norm_over_norm
+    reference = [None if p.grad is None else p.grad.clone() for p in params]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for copy_, grad in zip(copies, reference, strict=True):
+        copy_.grad = grad
+    torch.nn.utils.clip_grad_norm_(copies, max_norm)
+    clip_gradients(params, max_norm)
+    for ours, theirs in zip(params, copies, strict=True):
+        assert (ours.grad is None) == (theirs.grad is None)
+        if ours.grad is not None:
+            assert torch.equal(ours.grad, theirs.grad)
+    shrunk = torch.nn.utils.get_total_norm([p.grad for p in params[:3]])
+    assert (shrunk < norm) == (max_norm_over_norm < 1)
 
 
 def test_generate_returns_host_arrays_of_the_target_shapes(device):
