@@ -636,7 +636,8 @@ def main() -> None:
                         help="an earlier run of ours to set beside the authors' (only "
                              "theirs runs; trajectories only)")
     parser.add_argument("--floor", action="store_true",
-                        help="only add the compute floor to --json's settings from --out's runs")
+                        help="only add the compute floor to --json's settings (or --setting's) "
+                             "from --out's runs")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite the README table and figures from --json")
     parser.add_argument("--into", type=Path, default=REPO / "README.md")
@@ -651,8 +652,15 @@ def main() -> None:
         return
     if args.floor:
         store = json.loads(args.json.read_text())
-        for name, entry in store["settings"].items():
-            entry["floor"] = floor(entry, args.out.resolve() / name / "ours_0")
+        names = [args.setting] if args.setting else list(store["settings"])
+        runs = {name: args.out.resolve() / name / "ours_0" for name in names}
+        missing = [f"{name} ({run})" for name, run in runs.items()
+                   if name not in store["settings"] or not (run / "results.json").is_file()]
+        if missing:
+            parser.error(f"--floor: no run of ours in --out, or no entry in --json, for "
+                         f"{', '.join(missing)}; name the setting that ran with --setting")
+        for name, run in runs.items():
+            store["settings"][name]["floor"] = floor(store["settings"][name], run)
         args.json.write_text(json.dumps(store, indent=1) + "\n")
         return
     if args.authors is None or args.data is None or args.setting is None:
