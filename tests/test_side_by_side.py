@@ -239,6 +239,27 @@ def test_the_compute_floor_counts_a_steps_flops_and_divides_by_our_client_time(
 
 
 @pytest.mark.simulation
+def test_floor_on_the_command_line_takes_the_named_settings_run_and_names_a_missing_one(
+        comparison, runs_out, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "side_by_side.json"
+    side_by_side.add_to_json(store, comparison, note="the test suite")
+    side_by_side.add_to_json(store, comparison | {"setting": "pfedhn_pc"}, note="the test suite")
+    monkeypatch.setattr(side_by_side, "matmul_gflops", lambda: 100.0)
+    command = ["side_by_side.py", "--floor", "--json", str(store), "--out", str(runs_out)]
+    monkeypatch.setattr(sys, "argv", command)
+    with pytest.raises(SystemExit):  # pfedhn_pc has no run of ours in runs_out
+        side_by_side.main()
+    assert f"pfedhn_pc ({runs_out / 'pfedhn_pc' / 'ours_0'})" in capsys.readouterr().err
+    assert "floor" not in json.loads(store.read_text())["settings"]["pfedhn"]  # nothing written
+    monkeypatch.setattr(sys, "argv", [*command, "--setting", "pfedhn"])
+    side_by_side.main()
+    settings = json.loads(store.read_text())["settings"]
+    assert settings["pfedhn"]["floor"] == side_by_side.floor(
+        comparison, runs_out / "pfedhn" / "ours_0")
+    assert "floor" not in settings["pfedhn_pc"]
+
+
+@pytest.mark.simulation
 def test_render_writes_the_table_row_and_a_trajectory_figure(comparison, tmp_path):
     store, page = tmp_path / "side_by_side.json", tmp_path / "README.md"
     side_by_side.add_to_json(store, comparison, note="the test suite")
