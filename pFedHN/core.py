@@ -50,7 +50,7 @@ def clip_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> Non
     MH-pFedHN's head gradient is 120 MB a visit. One sync a visit costs less.
     """
     total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if max_norm / (total_norm + 1e-6) < 1:  # torch's factor, before its clamp
+    if not max_norm / (total_norm + 1e-6) >= 1:  # torch's factor (NaN too: torch scales by it)
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
 
 

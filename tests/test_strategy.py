@@ -99,6 +99,13 @@ def test_clip_gradients_leaves_what_torchs_clip_leaves_bit_for_bit(max_norm_over
     assert (shrunk < norm) == (max_norm_over_norm < 1)
 
 
+def test_clip_gradients_spreads_a_nan_norm_as_torchs_clip_does():
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    params[0].grad, params[1].grad = torch.tensor([1.0, float("nan"), 0, 0]), torch.ones(4)
+    clip_gradients(params, 50.0)
+    assert params[1].grad.isnan().all()  # torch multiplies every gradient by its NaN factor
+
+
 def test_generate_returns_host_arrays_of_the_target_shapes(device):
     core = make_core(device=device)
     theta = core.generate(2)
