@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MAY_CHANGE = (
     "num_rounds", "eval_every", "checkpoint_every", "resume", "device", "deterministic",
     "dataset.root", "dataset.download", "server.round_timeout", "server.node_timeout",
-    "server.fused_adam", "server.max_failed_rounds", "server.visit_retries",
+    "server.fused_adam", "server.fused_sgd", "server.max_failed_rounds", "server.visit_retries",
     "server.accept_lost_visits",
     "simulation",
     "novel.rounds", "novel.lr", "novel.optimizer", "novel.eval_every", "novel.dirichlet_alpha",

@@ -150,9 +150,15 @@ def _validate(settings: Settings, on_disk: bool) -> None:
     _positive(settings, "server.node_timeout")
     if settings.server.max_failed_rounds is not None:
         _positive(settings, "server.max_failed_rounds", int)
-    if not isinstance(settings.server.fused_adam, bool):
-        _fail("server.fused_adam", settings.server.fused_adam, "true (torch's fused Adam kernel) "
-              "or false (its default kernel)")
+    for name in ("adam", "sgd"):
+        fused = getattr(settings.server, f"fused_{name}")
+        if not isinstance(fused, bool):
+            _fail(f"server.fused_{name}", fused, f"true (torch's fused {name} kernel) or false "
+                  "(its default kernel)")
+    uses_sgd = "sgd" in (settings.server.optimizer, settings.novel.optimizer)
+    if settings.server.fused_sgd and uses_sgd and settings.variant.multi_head:
+        _fail("server.fused_sgd", True, "false for MH-pFedHN with SGD: torch's fused SGD fails "
+              "once a client's head gets its first gradient after others have momentum")
     retries = settings.server.visit_retries
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         _fail("server.visit_retries", retries, "expected an integer >= 0 (0: no retry)")

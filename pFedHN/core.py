@@ -25,21 +25,23 @@ from pFedHN.settings import NovelSettings, ServerSettings
 
 def make_optimizer(
     params: Iterable[torch.nn.Parameter], name: str, lr: float, momentum: float,
-    weight_decay: float, fused_adam: bool = False,
+    weight_decay: float, fused_adam: bool = False, fused_sgd: bool = False,
 ) -> torch.optim.Optimizer:
     """The outer optimizer: SGD with momentum (pFedHN) or Adam (MH-pFedHN).
 
-    ``fused_adam``: Adam in torch's fused kernel, one pass over each tensor
-    instead of one per operation (MH-pFedHN's server steps a 30M-parameter
-    head on every client visit). Its step equals the default kernel's up to a
-    float32 rounding (tested). SGD keeps torch's default kernel: its fused one
-    fails once a parameter gets its first gradient after others have
-    momentum (MH-pFedHN's per-client embeddings), and pFedHN's step is small.
+    ``fused_adam``, ``fused_sgd``: the optimizer in torch's fused kernel, one
+    pass over each tensor instead of one per operation (MH-pFedHN's server
+    steps a 30M-parameter head on every client visit, pFedHN's a 12M-parameter
+    hypernetwork every step). Its step equals the default kernel's up to a
+    float32 rounding (tested). Fused SGD fails once a parameter gets its first
+    gradient after others have momentum (MH-pFedHN's per-client embeddings and
+    heads): the config refuses it there.
     """
     if name == "adam":
         kernel = {"fused": True} if fused_adam else {}
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kernel)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    kernel = {"fused": True} if fused_sgd else {}
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
 
 
 def clip_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> None:
@@ -69,9 +71,10 @@ class PFedHNCore:
         self.client_sizes = dict(client_sizes or {})
         self.hnet = hnet.to(self.device)
         self.clip_norm = server.clip_norm
-        self.fused_adam = server.fused_adam
+        self.fused_adam, self.fused_sgd = server.fused_adam, server.fused_sgd
         self.optimizer = make_optimizer(self.hnet.parameters(), server.optimizer, server.lr,
-                                        server.momentum, server.wd, server.fused_adam)
+                                        server.momentum, server.wd, server.fused_adam,
+                                        server.fused_sgd)
 
     # --- the algorithm -------------------------------------------------------------
     def generate(self, partition_id: int) -> list[np.ndarray]:
@@ -144,7 +147,8 @@ class PFedHNCore:
             unseen = {self.hnet.chunks[i] for i in novel_ids} - seen
             trainable += [p for n in sorted(unseen) for p in self.hnet.head(n)]
         self.optimizer = make_optimizer(trainable, novel.optimizer, novel.lr, momentum,
-                                        weight_decay=0.0, fused_adam=self.fused_adam)
+                                        weight_decay=0.0, fused_adam=self.fused_adam,
+                                        fused_sgd=self.fused_sgd)
 
     # --- what a client may send --------------------------------------------------
     def check_delta(self, delta_theta: list[np.ndarray], partition_id: int) -> str | None:

@@ -114,6 +114,7 @@ class ServerSettings:
     round_timeout: float | None
     node_timeout: float
     fused_adam: bool
+    fused_sgd: bool
     max_failed_rounds: int | None
     visit_retries: int
     accept_lost_visits: bool

@@ -101,6 +101,7 @@ def test_defaults_are_the_authors_cifar10_setting():
     ("server.max_failed_rounds=0", "server.max_failed_rounds"),
     ("server.max_failed_rounds=1.5", "server.max_failed_rounds"),
     ("server.fused_adam=maybe", "server.fused_adam"),
+    ("server.fused_sgd=maybe", "server.fused_sgd"),
     ("server.visit_retries=-1", "server.visit_retries"),
     ("server.visit_retries=true", "server.visit_retries"),
     ("server.accept_lost_visits=sometimes", "server.accept_lost_visits"),
@@ -116,6 +117,16 @@ def test_bad_values_name_the_key(override, key):
     cfg = compose_config(TINY_OVERRIDES + ["num_rounds=100", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_settings(cfg)
+
+
+@pytest.mark.parametrize("optimizer", ["server.optimizer=sgd", "novel.optimizer=sgd"])
+def test_mh_pfedhn_with_sgd_asks_for_the_default_sgd_kernel(optimizer):
+    """torch's fused SGD fails on MH-pFedHN's per-client parameters: refused up front."""
+    mh = TINY_OVERRIDES + ["algorithm=mh_pfedhn", "num_clients=2", optimizer]
+    with pytest.raises(ConfigError, match=r"server\.fused_sgd.*false for MH-pFedHN with SGD"):
+        load_settings(compose_config(mh))
+    assert load_settings(compose_config([*mh, "server.fused_sgd=false"])).server.fused_sgd is False
+    assert load_settings(compose_config(mh[:-1])).server.fused_sgd  # Adam: fused SGD unused
 
 
 @pytest.mark.parametrize("overrides,system_config", [

@@ -23,6 +23,9 @@ from tests.test_dataset import write_image_folder
 from tests.test_export import exported_test_accuracies, recorded
 from tests.test_strategy import CLIP, LR, MOMENTUM, WD, reference_step, server_settings
 
+# torch's fused SGD fails on MH-pFedHN's per-client embeddings (the config refuses it there).
+DEFAULT_SGD = ("server.fused_sgd=false",)
+
 
 def sizes_of(names):
     models = [make_client_model(n, 3, 10, 32) for n in names]
@@ -49,7 +52,7 @@ def test_generated_vectors_fill_each_architecture_exactly():
 def test_clients_with_equal_chunk_counts_share_a_head_and_only_theirs_learns():
     hnet = MHHyper([1000, 900, 3000], chunk_size=256, embedding_dim=8, hidden_dim=16)
     assert hnet.chunks == [4, 4, 12]
-    core = PFedHNCore(hnet, server_settings())
+    core = PFedHNCore(hnet, server_settings(*DEFAULT_SGD))
     before = copy.deepcopy(hnet.state_dict())
     core.update([0], [[np.ones(1000, np.float32)]])
     after = hnet.state_dict()
@@ -62,7 +65,7 @@ def test_clients_with_equal_chunk_counts_share_a_head_and_only_theirs_learns():
 def test_update_equals_autograd_for_a_heterogeneous_pair():
     torch.manual_seed(0)
     hnet = MHHyper([1000, 3000], chunk_size=256, embedding_dim=8, hidden_dim=16)
-    core = PFedHNCore(hnet, server_settings())
+    core = PFedHNCore(hnet, server_settings(*DEFAULT_SGD))
     reference = copy.deepcopy(core.hnet)
     buffers = [None] * len(list(reference.parameters()))
     rng = np.random.default_rng(2)
@@ -93,7 +96,7 @@ def test_written_out_vjp_equals_autograds_for_exactly_the_parameters_asked_for()
 
 
 def test_a_delta_of_another_clients_size_is_rejected():
-    core = PFedHNCore(MHHyper([1000, 3000], chunk_size=256), server_settings())
+    core = PFedHNCore(MHHyper([1000, 3000], chunk_size=256), server_settings(*DEFAULT_SGD))
     assert core.check_delta([np.zeros(3000, np.float32)], 1) is None
     assert "expected (1000,)" in core.check_delta([np.zeros(3000, np.float32)], 0)
 
@@ -206,7 +209,8 @@ class _Proxy:
 def test_global_phase_steps_the_virtual_client_on_the_sample_weighted_delta():
     torch.manual_seed(0)
     sizes = [1000, 3000, 700]  # two clients, then the global model
-    settings = mh_settings("algorithm=mh_pfedhngd", "server.optimizer=sgd", f"server.lr={LR}",
+    settings = mh_settings("algorithm=mh_pfedhngd", "server.optimizer=sgd",
+                           "server.fused_sgd=false", f"server.lr={LR}",
                            f"server.momentum={MOMENTUM}", f"server.wd={WD}",
                            f"server.clip_norm={CLIP}")
     strategy = PFedHNStrategy(settings, PFedHNCore(MHHyper(
@@ -318,7 +322,7 @@ def test_novel_clients_learn_their_embeddings_and_only_unseen_heads():
     hnet = MHHyper([1000, 900, 3000, 1000], chunk_size=256, embedding_dim=8, hidden_dim=16)
     assert hnet.chunks == [4, 4, 12, 4]  # novel client 2: a size no training client has
     settings = mh_settings("num_clients=2", "novel.num_clients=2", "novel.rounds=3",
-                           "novel.lr=1e-2", "novel.optimizer=sgd")
+                           "novel.lr=1e-2", "novel.optimizer=sgd", "server.fused_sgd=false")
     strategy = PFedHNStrategy(settings, PFedHNCore(hnet, settings.server))
     strategy.learn_embeddings_only([2, 3], settings.novel, momentum=0.9)
     before = copy.deepcopy(hnet.state_dict())

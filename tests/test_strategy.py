@@ -175,20 +175,22 @@ def _within_a_rounding(ours: torch.Tensor, default: torch.Tensor, lr: float) -> 
     return bool(((ours - default).abs() <= 2 * eps * (ours.abs() + lr)).all())
 
 
-def test_fused_adam_steps_like_the_default_kernel_within_a_float_rounding():
-    """server.fused_adam: torch's fused Adam kernel. From the same state and delta it
-    takes the default kernel's step up to a float32 rounding; a resume may switch."""
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_fused_optimizer_steps_like_the_default_kernel_within_a_float_rounding(optimizer):
+    """server.fused_adam (MH-pFedHN's hypernetwork), server.fused_sgd (pFedHN's):
+    torch's fused kernels. From the same state and delta a fused step is the
+    default kernel's up to a float32 rounding; a resume may switch kernels."""
     rng = np.random.default_rng(3)
-    optimizer, lr = "adam", 2e-4
+    lr = 2e-4 if optimizer == "adam" else LR
 
     def delta_for(core, i):
         return [[(0.01 * rng.standard_normal(t.shape)).astype(np.float32)
                  for t in core.hnet(i).values()]]
 
     torch.manual_seed(0)
-    hnet = MHHyper([1000, 3000], chunk_size=256)
+    hnet = MHHyper([1000, 3000], chunk_size=256) if optimizer == "adam" else make_core().hnet
     strategies = {fused: PFedHNCore(copy.deepcopy(hnet), server_settings(
-        f"server.optimizer={optimizer}", f"server.lr={lr}", f"server.fused_adam={fused}"))
+        f"server.optimizer={optimizer}", f"server.lr={lr}", f"server.fused_{optimizer}={fused}"))
                   for fused in (True, False)}
     fused, default = strategies[True], strategies[False]
     for i in (0, 1, 0):  # the optimizer's state builds up under the fused kernel ...
