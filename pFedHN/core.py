@@ -37,10 +37,9 @@ def make_optimizer(
     gradient after others have momentum (MH-pFedHN's per-client embeddings and
     heads): the config refuses it there.
     """
+    kernel = {"fused": True} if (fused_adam if name == "adam" else fused_sgd) else {}
     if name == "adam":
-        kernel = {"fused": True} if fused_adam else {}
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **kernel)
-    kernel = {"fused": True} if fused_sgd else {}
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kernel)
 
 
