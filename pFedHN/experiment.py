@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -275,8 +276,8 @@ def train(settings: Settings, experiment: Experiment) -> Experiment:
     up to ``simulation.max_restarts`` times, ``simulation.restart_backoff_s``
     seconds later (doubled for each next restart). A resume is exact, so the run
     ends with an unbroken run's figures. A failure that a redo would repeat (a
-    delta_theta that cannot be used) stops the run at once. Returns the
-    experiment that finished.
+    delta_theta that cannot be used) stops the run at once; one after a stop
+    signal stops it at its newest checkpoint. Returns the experiment that finished.
     """
     restarts = experiment.recorder.restarts
     while True:
@@ -285,6 +286,15 @@ def train(settings: Settings, experiment: Experiment) -> Experiment:
                      experiment.client_state)
             return experiment
         except RoundsFailingError as error:
+            stop = experiment.stop
+            if stop is not None and stop.is_set():
+                # The signal reached Ray's processes too (a scheduler signals the whole
+                # job; Ray spares only SIGINT): the round in flight is lost, not the run.
+                log.warning("the round in flight is lost: the signal ended the clients' Ray "
+                            "processes too; signal this process (%d) alone to have it finished",
+                            os.getpid())
+                raise RunStoppedError(stop.signum, experiment.recorder.progress.n,
+                                      experiment.saved_round, experiment.run_dir) from error
             if not error.redo or len(restarts) >= settings.simulation.max_restarts:
                 raise
             wait = settings.simulation.restart_backoff_s * 2 ** len(restarts)

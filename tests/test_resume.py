@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import torch
 
 from pFedHN import checkpoint
 from pFedHN.checkpoint import CheckpointError
-from pFedHN.experiment import start_experiment
+from pFedHN.experiment import prepare, start_experiment, train
 from pFedHN.server import build_strategy
 from pFedHN.settings import Settings
+from pFedHN.signals import RunStoppedError, StopRequest
 from pFedHN.strategy import RoundsFailingError
 from tests.conftest import REPO, SMALL, compose_config, main_command
 
@@ -70,16 +72,21 @@ def test_killed_then_resumed_run_ends_like_an_uninterrupted_one(pc_run, tmp_path
 
 
 @pytest.mark.simulation
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_run_at_a_checkpoint_with_the_resume_line(pc_run, tmp_path, signum):
-    """What a scheduler sends (a terminal's Ctrl-C hits the whole process group instead):
-    the round in flight finishes and is checkpointed; status 128 + the signal."""
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True),
+                                              (signal.SIGTERM, True)],
+                         ids=["kill", "ctrl-c", "scheduler"])
+def test_a_signal_stops_the_run_at_a_checkpoint_with_the_resume_line(pc_run, tmp_path, signum,
+                                                                     to_group):
+    """``kill PID`` and a terminal's Ctrl-C (SIGINT to the process group; Ray's processes
+    block it): the round in flight finishes and is checkpointed; status 128 + the signal.
+    A scheduler's SIGTERM to every process of the job also ends Ray's: the run stops at
+    its newest checkpoint instead of restarting."""
     stopped = tmp_path / "stopped"
     process = subprocess.Popen(main_command(stopped), cwd=REPO, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_checkpoint(stopped, 8)
-        process.send_signal(signum)
+        os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
         output, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
@@ -88,10 +95,16 @@ def test_a_signal_stops_the_run_at_a_checkpoint_with_the_resume_line(pc_run, tmp
     assert process.returncode == 128 + signum, output[-3000:]
     line = [ln for ln in output.splitlines() if "resume with:" in ln][-1]
     saved = torch.load(stopped / checkpoint.FILENAME, weights_only=False)["round"]
-    assert f"{signal.Signals(signum).name}: stopped after round {saved}, with a checkpoint " \
-           f"at round {saved} in {stopped}; resume with: python -m pFedHN.main " in line
-    assert 8 <= saved < 24 and line.endswith(f"resume={stopped}")
-    if signum == signal.SIGTERM:  # the line's command ends the run as an unbroken one
+    reached = re.search(r"stopped after round (\d+), with a checkpoint at round (\d+) in "
+                        + re.escape(f"{stopped}; resume with: python -m pFedHN.main "), line)
+    assert reached and int(reached[2]) == saved and line.endswith(f"resume={stopped}")
+    if signum == signal.SIGTERM and to_group:  # the round in flight died with Ray's workers
+        assert "the round in flight is lost" in output and "Restart" not in output
+        assert saved in (8, 16) and int(reached[1]) >= saved
+    else:
+        assert int(reached[1]) == saved and 8 <= saved < 24
+    assert f"{signal.Signals(signum).name}: stopped after round" in line
+    if not to_group:  # the line's command ends the run as an unbroken one
         command = line.split("resume with: ")[1].split()
         resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO,
                                  capture_output=True, text=True, timeout=600)
@@ -113,6 +126,31 @@ def test_a_second_signal_ends_the_run_at_once(tmp_path):
                            text=True, timeout=60)
     assert ended.returncode == 143 and "not stopped" not in ended.stdout
     assert "SIGTERM again: ending at once" in ended.stderr
+
+
+def test_clients_lost_after_a_stop_signal_stop_the_run_at_its_checkpoint_not_restart_it(
+        tmp_path, monkeypatch):
+    """A scheduler signals every process of the job: Ray's die with the round in flight.
+    The run then ends as stopped, at its newest checkpoint, instead of restarting."""
+    settings = prepare(compose_config(SMALL + ["simulation.restart_backoff_s=0"]))
+    stop = StopRequest()
+    experiment = start_experiment(settings, tmp_path, stop=stop)
+    experiment.saved_round = 8
+    experiment.recorder.progress.update(11)
+    simulations = []
+
+    def simulate(*args, **kwargs):
+        simulations.append(args)
+        stop.signum = signal.SIGTERM  # arrives while the round is in flight
+        raise RoundsFailingError("round 12 lost the visits of clients [2]: actor died")
+
+    monkeypatch.setattr("pFedHN.experiment.simulate", simulate)
+    with pytest.raises(RunStoppedError, match="SIGTERM: stopped after round 11, with a "
+                                              "checkpoint at round 8") as stopped:
+        train(settings, experiment)
+    assert len(simulations) == 1 and stopped.value.exit_code == 143
+    assert stopped.value.saved == 8 and stopped.value.run_dir == tmp_path
+    assert experiment.recorder.restarts == []
 
 
 def client_workers(session):
