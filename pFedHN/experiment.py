@@ -53,6 +53,8 @@ from pFedHN.strategy import PFedHNStrategy, RoundsFailingError
 
 log = logging.getLogger(__name__)
 
+NOVEL_PHASE = "the novel clients' "  # how a stop names the novel phase's rounds
+
 
 def prepare(cfg: DictConfig, check_data: bool = True) -> Settings:
     """The run's settings: validated, paths and defaults fixed, the data checked.
@@ -286,15 +288,8 @@ def train(settings: Settings, experiment: Experiment) -> Experiment:
                      experiment.client_state)
             return experiment
         except RoundsFailingError as error:
-            stop = experiment.stop
-            if stop is not None and stop.is_set():
-                # The signal reached Ray's processes too (a scheduler signals the whole
-                # job; Ray spares only SIGINT): the round in flight is lost, not the run.
-                log.warning("the round in flight is lost: the signal ended the clients' Ray "
-                            "processes too; signal this process (%d) alone to have it finished",
-                            os.getpid())
-                raise RunStoppedError(stop.signum, experiment.recorder.progress.n,
-                                      experiment.saved_round, experiment.run_dir) from error
+            stop_if_signalled(experiment.stop, error, experiment.recorder.progress.n,
+                              experiment.saved_round, experiment.run_dir)
             if not error.redo or len(restarts) >= settings.simulation.max_restarts:
                 raise
             wait = settings.simulation.restart_backoff_s * 2 ** len(restarts)
@@ -314,6 +309,20 @@ def train(settings: Settings, experiment: Experiment) -> Experiment:
                                           simulated=True, stop=experiment.stop)
             restarts[-1]["resumed_from"] = experiment.strategy.schedule.start_round
             experiment.recorder.restarts = restarts
+
+
+def stop_if_signalled(stop: StopRequest | None, error: RoundsFailingError, reached: int,
+                      saved: int | None, run_dir: Path, phase: str = "") -> None:
+    """Clients lost after a stop signal: ``RunStoppedError`` at the newest checkpoint.
+
+    The signal reached Ray's processes too (a scheduler signals every process of
+    the job; Ray spares only SIGINT): the round in flight is lost, not the run,
+    and a restart would go against the stop.
+    """
+    if stop is not None and stop.is_set():
+        log.warning("the round in flight is lost: the signal ended the clients' Ray processes "
+                    "too; signal this process (%d) alone to have it finished", os.getpid())
+        raise RunStoppedError(stop.signum, reached, saved, run_dir, phase) from error
 
 
 def shutdown_ray() -> None:
@@ -388,12 +397,18 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
         summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
         write_json_atomic(run_dir / "results.json", results | {"novel_clients": summary})
 
-    strategy.on_fit = novel_checkpointer(settings, strategy, run_dir, evaluations, stop,
-                                         saved["round"] if saved else None)
+    checkpointer = NovelCheckpointer(settings, strategy, run_dir, evaluations, stop,
+                                     saved["round"] if saved else None)
+    strategy.on_fit = checkpointer
     strategy.evaluation.on_evaluate = on_evaluate
     log.info("novel clients %d-%d: %d rounds of embedding training",
              novel_ids[0], novel_ids[-1], novel.rounds)
-    simulate(settings, lambda context: server_components(strategy, novel.rounds), state_dir)
+    try:
+        simulate(settings, lambda context: server_components(strategy, novel.rounds), state_dir)
+    except RoundsFailingError as error:
+        stop_if_signalled(stop, error, checkpointer.reached, checkpointer.saved_round, run_dir,
+                          NOVEL_PHASE)
+        raise
 
     summary = novel_summary(evaluations, shifts, settings.num_clients, phase)
     results = results | {"novel_clients": summary}
@@ -405,24 +420,33 @@ def run_novel(settings: Settings, strategy: PFedHNStrategy, run_dir: Path, resul
     return results
 
 
-def novel_checkpointer(settings: Settings, strategy: PFedHNStrategy, run_dir: Path,
-                       evaluations: dict[int, dict], stop: StopRequest | None = None,
-                       saved_round: int | None = None) -> Callable[..., None]:
+@dataclass
+class NovelCheckpointer:
     """The novel phase's ``on_fit``: its checkpoint when due, as training's.
 
     No checkpoint at a round without an update: a resume redoes that round.
     Once ``stop`` is set: a checkpoint at this round, then ``RunStoppedError``.
     """
-    def on_fit(server_round: int, client_metrics: list[dict], *_: object) -> None:
-        nonlocal saved_round
-        stopping = stop is not None and stop.is_set()
-        if client_metrics and (checkpoint.NOVEL.due(settings, server_round) or stopping):
-            checkpoint.save(run_dir, settings, server_round, checkpoint.NOVEL,
-                            strategy=strategy.state_dict(server_round),
-                            recorder={"evaluations": evaluations})
-            saved_round = server_round
-        if stopping:
-            raise RunStoppedError(stop.signum, server_round, saved_round, run_dir,
-                                  "the novel clients' ")
 
-    return on_fit
+    settings: Settings
+    strategy: PFedHNStrategy
+    run_dir: Path
+    evaluations: dict[int, dict]
+    stop: StopRequest | None = None
+    saved_round: int | None = None  # of the newest novel-phase checkpoint
+
+    def __post_init__(self) -> None:
+        self.reached = self.saved_round or 0  # the last round fitted
+
+    def __call__(self, server_round: int, client_metrics: list[dict], *_: object) -> None:
+        """A novel round's updates are in (``PFedHNStrategy.on_fit``)."""
+        self.reached = server_round
+        stopping = self.stop is not None and self.stop.is_set()
+        if client_metrics and (checkpoint.NOVEL.due(self.settings, server_round) or stopping):
+            checkpoint.save(self.run_dir, self.settings, server_round, checkpoint.NOVEL,
+                            strategy=self.strategy.state_dict(server_round),
+                            recorder={"evaluations": self.evaluations})
+            self.saved_round = server_round
+        if stopping:
+            raise RunStoppedError(self.stop.signum, server_round, self.saved_round, self.run_dir,
+                                  NOVEL_PHASE)

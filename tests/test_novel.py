@@ -14,14 +14,20 @@ from pFedHN.checkpoint import CheckpointError
 from pFedHN.client import NOVEL_STATE_DIR
 from pFedHN.core import PFedHNCore
 from pFedHN.dataset import client_indices
-from pFedHN.experiment import novel_checkpointer, prepare, run, run_novel, trained_strategy
+from pFedHN.experiment import (
+    NovelCheckpointer,
+    prepare,
+    run,
+    run_novel,
+    trained_strategy,
+)
 from pFedHN.export import export
 from pFedHN.models import CNNHyper, CNNTarget, parameter_shapes
 from pFedHN.novel import distribution_shift, novel_summary
 from pFedHN.server import build_strategy
 from pFedHN.settings import SplitSettings
 from pFedHN.signals import RunStoppedError, StopRequest
-from pFedHN.strategy import PFedHNStrategy
+from pFedHN.strategy import PFedHNStrategy, RoundsFailingError
 from tests.conftest import TINY_OVERRIDES, compose_config, tiny_settings
 from tests.test_export import exported_test_accuracies, recorded
 
@@ -181,7 +187,7 @@ def test_a_novel_round_without_updates_writes_no_novel_checkpoint(tmp_path):
         "num_clients=4", "novel.num_clients=2", "novel.rounds=5", "checkpoint_every=1"]))
     strategy = build_strategy(settings)
     evaluations = {0: {4: {"test_acc": 0.5, "test_n": 10}}}
-    on_fit = novel_checkpointer(settings, strategy, tmp_path, evaluations)
+    on_fit = NovelCheckpointer(settings, strategy, tmp_path, evaluations)
 
     def saved_round():
         return checkpoint.load(tmp_path, settings, checkpoint.NOVEL)["round"]
@@ -247,7 +253,7 @@ def test_a_signal_in_the_novel_phase_stops_it_at_a_checkpoint_of_the_round_in_fl
         "num_clients=4", "novel.num_clients=2", "novel.rounds=50", "checkpoint_every=10"]))
     strategy = build_strategy(settings)
     stop = StopRequest()
-    on_fit = novel_checkpointer(settings, strategy, tmp_path, {}, stop)
+    on_fit = NovelCheckpointer(settings, strategy, tmp_path, {}, stop)
     on_fit(3, [{"steps": 3}], {})
     assert not (tmp_path / checkpoint.NOVEL.filename).exists()  # not due before round 10
     stop.signum = signal.SIGTERM
@@ -256,3 +262,34 @@ def test_a_signal_in_the_novel_phase_stops_it_at_a_checkpoint_of_the_round_in_fl
         on_fit(4, [{"steps": 3}], {})
     assert stopped.value.exit_code == 143 and stopped.value.saved == 4
     assert checkpoint.load(tmp_path, settings, checkpoint.NOVEL)["round"] == 4
+
+
+def test_clients_lost_after_a_signal_stop_the_novel_phase_at_its_checkpoint(tmp_path,
+                                                                            monkeypatch):
+    """A SIGTERM to the whole job also ends Ray's workers: the novel round in flight is
+    lost, and the phase stops at its newest checkpoint, as a stop, not as a failure."""
+    settings = prepare(compose_config(TINY_OVERRIDES + [
+        "num_clients=4", "novel.num_clients=2", "novel.rounds=50", "checkpoint_every=2"]))
+    stop = StopRequest()
+
+    def simulate(settings, server_fn, state_dir):
+        on_fit = strategy.on_fit
+        on_fit(1, [{"steps": 3}], {})
+        on_fit(2, [{"steps": 3}], {})  # checkpointed: due
+        on_fit(3, [{"steps": 3}], {})
+        stop.signum = signal.SIGTERM  # arrives in round 4, and ends the workers
+        raise RoundsFailingError("round 4 lost the visits of clients [5]: actor died")
+
+    strategy = build_strategy(settings)
+    monkeypatch.setattr("pFedHN.experiment.simulate", simulate)
+    with pytest.raises(RunStoppedError, match=r"SIGTERM: stopped after the novel clients' "
+                       r"round 3, with a checkpoint at round 2") as stopped:
+        run_novel(settings, strategy, tmp_path, {}, stop=stop)
+    assert stopped.value.exit_code == 143 and stopped.value.saved == 2
+    assert checkpoint.load(tmp_path, settings, checkpoint.NOVEL)["round"] == 2
+    # without a signal, the same failure is the clients' error
+    monkeypatch.setattr("pFedHN.experiment.simulate", lambda *a: (_ for _ in ()).throw(
+        RoundsFailingError("round 1 lost the visits of clients [5]: actor died")))
+    with pytest.raises(RoundsFailingError, match="lost the visits"):
+        run_novel(settings, build_strategy(settings), tmp_path / "unsignalled", {},
+                  stop=StopRequest())
