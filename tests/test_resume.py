@@ -98,9 +98,12 @@ def test_a_signal_stops_the_run_at_a_checkpoint_with_the_resume_line(pc_run, tmp
     reached = re.search(r"stopped after round (\d+), with a checkpoint at round (\d+) in "
                         + re.escape(f"{stopped}; resume with: python -m pFedHN.main "), line)
     assert reached and int(reached[2]) == saved and line.endswith(f"resume={stopped}")
-    if signum == signal.SIGTERM and to_group:  # the round in flight died with Ray's workers
-        assert "the round in flight is lost" in output and "Restart" not in output
-        assert saved in (8, 16) and int(reached[1]) >= saved
+    if signum == signal.SIGTERM and to_group:
+        assert "Restart" not in output
+        if "the round in flight is lost" in output:  # it died with Ray's workers
+            assert saved in (8, 16) and int(reached[1]) >= saved
+        else:  # rarely: its visits were all back before the signal
+            assert int(reached[1]) == saved
     else:
         assert int(reached[1]) == saved and 8 <= saved < 24
     assert f"{signal.Signals(signum).name}: stopped after round" in line
