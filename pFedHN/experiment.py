@@ -317,9 +317,10 @@ def stop_if_signalled(stop: StopRequest | None, error: RoundsFailingError, reach
 
     The signal reached Ray's processes too (a scheduler signals every process of
     the job; Ray spares only SIGINT): the round in flight is lost, not the run,
-    and a restart would go against the stop.
+    and a restart would go against the stop. A failure that a redo would repeat
+    (``error.redo`` false) is the clients' fault, and stays an error.
     """
-    if stop is not None and stop.is_set():
+    if error.redo and stop is not None and stop.is_set():
         log.warning("the round in flight is lost: the signal ended the clients' Ray processes "
                     "too; signal this process (%d) alone to have it finished", os.getpid())
         raise RunStoppedError(stop.signum, reached, saved, run_dir, phase) from error

@@ -155,6 +155,13 @@ def test_clients_lost_after_a_stop_signal_stop_the_run_at_its_checkpoint_not_res
     assert stopped.value.saved == 8 and stopped.value.run_dir == tmp_path
     assert experiment.recorder.restarts == []
 
+    def send_unusable_updates(*args):  # a failure of the clients' own, signal or not
+        raise RoundsFailingError("round 12: client 2's delta_theta has 3 tensors", redo=False)
+
+    monkeypatch.setattr("pFedHN.experiment.simulate", send_unusable_updates)
+    with pytest.raises(RoundsFailingError, match="delta_theta has 3 tensors"):
+        train(settings, experiment)
+
 
 def client_workers(session):
     """The Ray workers running ClientApps in process group ``session``."""
