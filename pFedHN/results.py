@@ -201,11 +201,14 @@ class _Group:
         results = [r["results"] for r in runs]
         done = results[0].get("rounds_completed", num_rounds)
         rounds = f"{done}" if finished else f"{done} of {num_rounds}"
-        # Never silent: rounds whose updates were lost change what "500 rounds" means.
-        failed = sum(len(r.get("failed_rounds", [])) for r in results)
-        lost = sum(len(r.get("client_failures", [])) for r in results)
-        if failed or lost:
-            rounds += f" ({failed} failed, {lost} client results lost)"
+        # Never silent: rounds whose updates were lost change what "500 rounds" means;
+        # with several seeds, say whose.
+        losses = [(f"seed {run['cfg'].seed}: " if len(runs) > 1 else "",
+                   len(r.get("failed_rounds", [])), len(r.get("client_failures", [])))
+                  for run, r in zip(runs, results, strict=True)]
+        if any(failed or lost for _, failed, lost in losses):
+            rounds += " (" + "; ".join(f"{whose}{failed} failed, {lost} client results lost"
+                                       for whose, failed, lost in losses if failed or lost) + ")"
         return cls(runs[0]["cfg"], results, rounds,
                    ", ".join(str(r["cfg"].seed) for r in runs),
                    ", ".join(f"`{r['name']}`" for r in runs))
@@ -345,7 +348,7 @@ def regenerate(runs_dir: Path, readme: Path, static_dir: Path) -> None:
         "`authors'` the authors' code's split for the same seed (`client.partition=authors`). "
         "Rounds: a bracket counts the rounds in which no client's update reached the "
         "hypernetwork and the client results lost (crashed or rejected clients, each "
-        "listed in the run's `results.json`).",
+        "listed in the run's `results.json`), per seed where a row pools several.",
         "",
         results_table(summaries),
         *(["", "MH-pFedHN and MH-pFedHNGD, on the MH-pFedHN authors' protocol (every client "

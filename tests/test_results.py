@@ -179,6 +179,17 @@ def test_failed_rounds_and_lost_client_results_are_shown_beside_the_rounds(works
     row = next(line for line in readme.read_text().splitlines()
                if "`tiny_mnist_pfedhn`" in line and line.startswith("| MNIST | 5 |"))
     assert "| ours | 20 (2 failed, 3 client results lost) | 42 |" in row
+    # pooled with a second seed that lost nothing, the row says whose they were
+    shutil.copytree(path.parent, static / "runs" / "tiny_mnist_pfedhn_seed43")
+    config = OmegaConf.load(static / "runs" / "tiny_mnist_pfedhn_seed43" / "config.yaml")
+    config.seed = 43
+    OmegaConf.save(config, static / "runs" / "tiny_mnist_pfedhn_seed43" / "config.yaml")
+    results |= {"failed_rounds": [], "client_failures": []}
+    (static / "runs" / "tiny_mnist_pfedhn_seed43" / "results.json").write_text(json.dumps(results))
+    main(["--readme", str(readme), "--static", str(static)])
+    row = next(line for line in readme.read_text().splitlines()
+               if "`tiny_mnist_pfedhn_seed43`" in line and line.startswith("| MNIST | 5 |"))
+    assert "| ours | 20 (seed 42: 2 failed, 3 client results lost) | 42, 43 |" in row
 
 
 def test_mh_runs_get_their_own_table_with_both_accuracies_cost_and_memory(workspace):
