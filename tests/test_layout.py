@@ -33,3 +33,9 @@ def test_no_class_is_over_200_lines_and_no_init_takes_more_than_8_parameters():
                 args = node.args
                 count = len(args.args) - 1 + len(args.kwonlyargs)
                 assert count <= 8, f"{path.name}:{node.lineno}: {count} parameters"
+
+
+def test_the_readme_stays_a_page_a_newcomer_reads_in_one_go():
+    """Flower's baselines keep their READMEs short; the long form lives in docs/."""
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= 15_000, f"README.md is {size} bytes: move detail into docs/"

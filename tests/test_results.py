@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.recorder import RunRecorder, summarize
-from pFedHN.results import END, START, main
+from pFedHN.results import END, RUNS_END, RUNS_START, START, main
 from pFedHN.settings import SplitSettings
 from tests.conftest import REPO, TINY_MNIST
 
@@ -32,6 +32,8 @@ def workspace(tmp_path):
     shutil.copytree(FIXTURE_RUNS, static / "runs")
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n## Results\n\n{START}\nold table\n{END}\n\n## After\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text(f"# Runs\n\n{RUNS_START}\nold\n{RUNS_END}\n")
     return readme, static
 
 
@@ -156,14 +158,24 @@ def test_collect_copies_a_summary_without_machine_paths(tmp_path, workspace):
     copied = (static / "runs" / "copy" / "config.yaml").read_text()
     assert "root: tiny_mnist\n" in copied and "resume: r1\n" in copied
     assert str(tmp_path) not in copied
-    assert sum("tiny_mnist_pfedhn" in line or "`_static/runs/copy`" in line
-               for line in readme.read_text().splitlines()) == 2
+    # the copy is pooled into the original's row, and gets its own line on the runs page
+    assert [line for line in readme.read_text().splitlines() if "`copy`" in line] == \
+        [line for line in readme.read_text().splitlines() if "`tiny_mnist_pfedhn`" in line]
+    runs_page = (readme.parent / "docs" / "results.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in runs_page if "tiny_mnist" in line or "copy" in line] \
+        == ["| `copy`", "| `tiny_mnist_pfedhn`"]
 
 
 def test_missing_markers_are_refused(tmp_path, workspace):
     readme, static = workspace
+    before = readme.read_text()
+    runs_page = readme.parent / "docs" / "results.md"
+    runs_page.write_text("# no markers\n")
+    with pytest.raises(ValueError, match=f"{runs_page} has no <!-- runs:start -->"):
+        main(["--readme", str(readme), "--static", str(static)])
+    assert readme.read_text() == before  # refused before anything was written
     readme.write_text("# no markers\n")
-    with pytest.raises(ValueError, match="markers"):
+    with pytest.raises(ValueError, match="README.md has no <!-- results:start -->"):
         main(["--readme", str(readme), "--static", str(static)])
 
 
