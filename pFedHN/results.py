@@ -146,6 +146,39 @@ def mh_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def network_table(summary: dict[str, Any], every: int = 100) -> str:
+    """A heterogeneous run's test accuracy per network, pooled over its clients.
+
+    At every ``every``-th round, at the last evaluated round, and averaged over
+    the last ``every`` rounds (an average says more than one noisy round).
+    """
+    evaluations = [e for e in summary["results"]["evaluations"] if "test_acc_by_network" in e]
+    names = list(dict.fromkeys(n for e in evaluations for n in e["test_acc_by_network"]))
+    last = evaluations[-1]["round"]
+    recent = [e for e in evaluations if e["round"] > last - every]
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.mean(values) if values else None
+
+    rows = [(str(e["round"]), [e["test_acc_by_network"].get(n) for n in names], e["test_acc"])
+            for e in evaluations if (e["round"] > 0 and e["round"] % every == 0)
+            or e["round"] == last]
+    rows.append((f"mean, rounds {recent[0]['round']}-{last}",
+                 [mean([e["test_acc_by_network"][n] for e in recent
+                        if n in e["test_acc_by_network"]]) for n in names],
+                 mean([e["test_acc"] for e in recent])))
+    return "\n".join([f"| round | {' | '.join(names)} | all |",
+                      "|---" * (len(names) + 2) + "|",
+                      *(f"| {label} | {' | '.join(map(_pct, by_network))} | {_pct(pooled)} |"
+                        for label, by_network, pooled in rows)])
+
+
+def _heterogeneous(summary: dict[str, Any]) -> bool:
+    """A run whose clients own more than one kind of network."""
+    return len({n for e in summary["results"]["evaluations"]
+                for n in e.get("test_acc_by_network", {})}) > 1
+
+
 def novel_table(summaries: list[dict[str, Any]]) -> str:
     """Markdown table of the runs with novel clients: one row per run.
 
@@ -359,6 +392,9 @@ def regenerate(runs_dir: Path, readme: Path, static_dir: Path, runs_page: Path) 
             "every round, one at a time; each client's data cut 75/25 into its own train "
             "and test):", "", mh_table(summaries)]
           if any(_multi_head(s) for s in summaries) else []),
+        *(line for s in summaries if _heterogeneous(s) for line in (
+            "", f"`{s['name']}`, test accuracy per network, pooled over its clients:", "",
+            network_table(s))),
         *(["", "Novel clients: after training, the hypernetwork frozen, only the novel "
             "clients' embeddings learn (evaluated every round where the run says so):", "",
             novel_table(summaries)]

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from pFedHN.dataset import DATASETS, federated_data
 from pFedHN.recorder import RunRecorder, summarize
-from pFedHN.results import END, RUNS_END, RUNS_START, START, main
+from pFedHN.results import END, RUNS_END, RUNS_START, START, main, network_table
 from pFedHN.settings import SplitSettings
 from tests.conftest import REPO, TINY_MNIST
 
@@ -240,6 +240,43 @@ def test_mh_runs_get_their_own_table_with_both_accuracies_cost_and_memory(worksp
     main(["--readme", str(readme), "--static", str(static)])
     assert (static / "accuracy_mh_by_network.png").exists()
     assert "![accuracy_mh_by_network](_static/accuracy_mh_by_network.png)" in readme.read_text()
+
+
+def test_a_heterogeneous_run_gets_a_table_per_network_every_100_rounds_and_the_last_100s_mean(
+        workspace):
+    readme, static = workspace
+    evaluations = [{"round": r, "test_acc": r / 1000,
+                    "test_acc_by_network": {"mh-cnn": r / 500, "mh-resnet18": r / 2000}}
+                   for r in range(251)]
+    del evaluations[240]["test_acc_by_network"]["mh-resnet18"]  # its clients not evaluated
+    summary = {"name": "five", "results": {"evaluations": evaluations}}
+    recent = range(151, 251)
+    resnet = [r / 2000 for r in recent if r != 240]
+    assert network_table(summary).splitlines() == [
+        "| round | mh-cnn | mh-resnet18 | all |",
+        "|---|---|---|---|",
+        "| 100 | 20.00 | 5.00 | 10.00 |",
+        "| 200 | 40.00 | 10.00 | 20.00 |",
+        "| 250 | 50.00 | 12.50 | 25.00 |",
+        f"| mean, rounds 151-250 | {100 * sum(r / 500 for r in recent) / 100:.2f} "
+        f"| {100 * sum(resnet) / len(resnet):.2f} "
+        f"| {100 * sum(r / 1000 for r in recent) / 100:.2f} |"]
+    # In the README under the MH table, for runs of more than one network only
+    runs = static / "runs"
+    shutil.copytree(runs / "tiny_mnist_pfedhn", runs / "mh")
+    config = OmegaConf.load(runs / "mh" / "config.yaml")
+    config.model.variant, config.model.architectures = 2, "blocks"
+    OmegaConf.save(config, runs / "mh" / "config.yaml")
+    results = json.loads((runs / "mh" / "results.json").read_text())
+    results |= {"best_test_acc": 0.5, "best_test_round": 7, "timing": {"median_round_s": 1.0}}
+    for e in results["evaluations"]:
+        e["test_acc_by_network"] = {"mh-cnn": e["test_acc"], "mh-vgg8": e["test_acc"] / 2}
+    (runs / "mh" / "results.json").write_text(json.dumps(results))
+    main(["--readme", str(readme), "--static", str(static)])
+    text = readme.read_text()
+    table = network_table({"name": "mh", "results": results})
+    assert f"`mh`, test accuracy per network, pooled over its clients:\n\n{table}\n" in text
+    assert text.count("test accuracy per network") == 1  # not for the pFedHN run
 
 
 def test_runs_with_novel_clients_get_a_row_of_their_phase_partial_or_finished(workspace):
