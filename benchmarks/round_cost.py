@@ -48,6 +48,7 @@ from pFedHN.config import compose_config, data_spec
 from pFedHN.dataset import federated_data
 from pFedHN.device import configure_torch
 from pFedHN.experiment import prepare, run
+from pFedHN.files import replace_between
 from pFedHN.models import make_target
 from pFedHN.networks import target_kwargs
 from pFedHN.server import build_hypernetwork, build_strategy
@@ -206,10 +207,7 @@ def render(json_files: list[Path], page: Path) -> None:
             f"{cell(r, 'flower_round_s', '.3f')} s | {cell(r, 'flower_over_plain', '.2f')} | "
             f"{cell(r, 'evaluation_round_s', '.2f')} s | "
             f"{cell(r, 'full_protocol_estimate_s', '.0f')} s |")
-    text = page.read_text()
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    page.write_text(f"{head}{START}\n" + "\n".join(rows) + f"\n{END}{tail}")
+    replace_between(page, START, END, rows)
 
 
 def main() -> None:

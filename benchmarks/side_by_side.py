@@ -52,6 +52,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pFedHN.files import replace_between
+
 REPO = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().with_name("authors_shim.py")
 CIFAR10_NORMALISATION = ("dataset.mean=[0.4914,0.4822,0.4465]",
@@ -489,13 +491,6 @@ START, END = "<!-- side_by_side:start -->", "<!-- side_by_side:end -->"
 FLOOR_START, FLOOR_END = "<!-- side_by_side_floor:start -->", "<!-- side_by_side_floor:end -->"
 AGAINST_START = "<!-- side_by_side_against:start -->"
 AGAINST_END = "<!-- side_by_side_against:end -->"
-
-
-def replace_between(page: Path, start: str, end: str, lines: list[str]) -> None:
-    """Rewrite what lies between ``page``'s markers ``start`` and ``end``."""
-    text = page.read_text()
-    head, rest = text.split(start, 1)
-    page.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{rest.split(end, 1)[1]}")
 
 
 def against_rows(store: dict) -> list[str]:

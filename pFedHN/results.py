@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pFedHN.files import write_json_atomic  # noqa: E402
+from pFedHN.files import around_markers, replace_between, write_json_atomic  # noqa: E402
 from pFedHN.recorder import plot_networks  # noqa: E402
 from pFedHN.settings import Variant  # noqa: E402
 
@@ -373,8 +373,8 @@ def regenerate(runs_dir: Path, readme: Path, static_dir: Path, runs_page: Path) 
     Each file's part between its markers; both are checked before anything is written.
     """
     summaries = load_summaries(runs_dir)
-    readme_parts = _between_markers(readme, START, END)
-    page_parts = _between_markers(runs_page, RUNS_START, RUNS_END)
+    around_markers(readme, START, END)  # both pages checked before either is written
+    around_markers(runs_page, RUNS_START, RUNS_END)
     plots = plot_runs(summaries, static_dir)
     page_link = Path(os.path.relpath(runs_page, readme.parent)).as_posix()
     body = "\n".join([
@@ -402,18 +402,8 @@ def regenerate(runs_dir: Path, readme: Path, static_dir: Path, runs_page: Path) 
         "",
         *[f"![{p.stem}]({p.relative_to(readme.parent).as_posix()})" for p in plots],
     ])
-    readme.write_text(f"{readme_parts[0]}{START}\n{body}\n{END}{readme_parts[1]}")
-    runs_page.write_text(f"{page_parts[0]}{RUNS_START}\n{runs_table(summaries)}\n"
-                         f"{RUNS_END}{page_parts[1]}")
-
-
-def _between_markers(path: Path, start: str, end: str) -> tuple[str, str]:
-    """``path``'s text before ``start`` and after ``end``; ValueError without them."""
-    text = path.read_text() if path.exists() else ""
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    return head, rest.split(end, 1)[1]
+    replace_between(readme, START, END, [body])
+    replace_between(runs_page, RUNS_START, RUNS_END, [runs_table(summaries)])
 
 
 def collect(run_dir: Path, runs_dir: Path, name: str) -> Path:
