@@ -1,5 +1,8 @@
 """Shared fixtures: the committed tiny MNIST split and config composition."""
 
+import fcntl
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +46,21 @@ def main_command(run_dir, *extra):
 def pc_run(tmp_path_factory):
     """The short pFedHN-PC run, uninterrupted, with Flower's own polling and Ray's own
     object-store threshold (other runs use the package's defaults). Several modules
-    read it; none may change its results.json."""
-    run_dir = tmp_path_factory.mktemp("pc_run")
-    subprocess.run(main_command(run_dir, "simulation.poll_interval=null",
-                                "simulation.inline_bytes=null"),
-                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    read it; none may change its results.json. Run once for all of pytest-xdist's
+    workers: the first to need it makes it in their shared temporary folder."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    run_dir = shared / "pc_run"
+    with open(shared / "pc_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        finished = shared / "pc_run.finished"  # results.json is written as a run goes
+        if not finished.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a worker's failed attempt
+            subprocess.run(main_command(run_dir, "simulation.poll_interval=null",
+                                        "simulation.inline_bytes=null"),
+                           cwd=REPO, check=True, capture_output=True, timeout=600)
+            finished.touch()
     return run_dir
 
 
