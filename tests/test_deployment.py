@@ -21,7 +21,9 @@ from pFedHN.experiment import run
 from pFedHN.export import ExportError, export, load_client_model
 from tests.conftest import REPO, TINY_MNIST, write_image_folder
 
-pytestmark = pytest.mark.deployment
+# One pytest-xdist worker for the module: `flwr run .` starts Flower's managed local
+# SuperLink on fixed ports, which a second test running beside it would share.
+pytestmark = [pytest.mark.deployment, pytest.mark.xdist_group("deployment")]
 
 BIN = Path(sys.executable).parent
 # Images only the SuperNodes can see: a relative root, found in their working directory.
