@@ -21,9 +21,9 @@ from pFedHN.experiment import run
 from pFedHN.export import ExportError, export, load_client_model
 from tests.conftest import REPO, TINY_MNIST, write_image_folder
 
-# One pytest-xdist worker for the module: `flwr run .` starts Flower's managed local
-# SuperLink on fixed ports, which a second test running beside it would share.
-pytestmark = [pytest.mark.deployment, pytest.mark.xdist_group("deployment")]
+# Its tests must not run beside each other: `flwr run .` starts Flower's managed local
+# SuperLink on fixed ports. pytest-xdist's `--dist loadfile` keeps a module on one worker.
+pytestmark = pytest.mark.deployment
 
 BIN = Path(sys.executable).parent
 # Images only the SuperNodes can see: a relative root, found in their working directory.

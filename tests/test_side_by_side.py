@@ -25,9 +25,6 @@ from tests.conftest import REPO, TINY_OVERRIDES
 sys.path.insert(0, str(REPO / "benchmarks"))
 import side_by_side  # noqa: E402
 
-# Its module-scoped runs are made once: the module stays on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("side_by_side")
-
 STEP_S, EVALUATION_S = 0.02, 0.15  # what the stand-ins sleep
 
 # Their pFedHN trainer's shape: argparse, logging, `for step in trange(...)`, an
